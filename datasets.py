@@ -1,0 +1,380 @@
+"""Multi-label datasets, the two-view transform, and the class-balanced (pair) sampler.
+
+Composable pieces (STYLE.md):
+
+* a *base* dataset per source (:class:`MultiLabelDataset`): image ids, a multi-hot target matrix
+  with No Finding last, class names, optional ground-truth boxes, and ``load_image``;
+* wrappers that add what a stage needs: :class:`TransformedDataset` (one view, for warm-up and
+  evaluation) and :class:`PairedTwoViewDataset` (an anchor and its label-sharing partner, two
+  nearly pixel-aligned views each, for the paired stage);
+* :class:`ClassBalancedSampler`, which draws anchors (and, for pairs, partners) from the data's own
+  class counts.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from utils.synthetic import SYNTHETIC_CLASS_NAMES, case_seed, render_case
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Box = tuple[int, float, float, float, float]  # (class_index, x, y, w, h) in load_image pixels
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Base datasets
+# ----------------------------------------------------------------------------------------------
+class MultiLabelDataset(Dataset):
+    """Base class: subclasses set ``image_ids``, ``targets``, ``class_names``, ``boxes`` and
+    implement ``load_image``.
+
+    targets: float32 [N, K], multi-hot, No Finding is the last column (1 iff no disease).
+    boxes:   {index: [(class_index, x, y, w, h), ...]} in the pixel frame of ``load_image(index)``.
+    """
+
+    image_ids: list[str]
+    targets: np.ndarray
+    class_names: list[str]
+    boxes: dict[int, list[Box]]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def load_image(self, index: int) -> np.ndarray:
+        """uint8 [H, W] (grey) or [H, W, 3]."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(image=self.load_image(index), target=self.targets[index], index=index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def disease_names(self) -> list[str]:
+        return self.class_names[:-1]
+
+
+class SyntheticChestXrays(MultiLabelDataset):
+    """The built-in procedural dataset (utils/synthetic.py), rendered once into memory.
+
+    Splits use disjoint seeds, so train, val and test never share a case.
+    """
+
+    def __init__(self, split: str, size: int, image_size: int, seed: int = 0):
+        self.split = split
+        self.class_names = list(SYNTHETIC_CLASS_NAMES)
+        self.image_ids = [f"synthetic-{split}-{index:05d}" for index in range(size)]
+        images, targets, self.boxes = [], [], {}
+        for index in tqdm(range(size), desc=f"rendering synthetic {split}", leave=False, disable=size < 200):
+            case = render_case(case_seed(seed, split, index), image_size)
+            images.append(case.image)
+            targets.append(case.target)
+            if case.boxes:
+                self.boxes[index] = list(case.boxes)
+        self.images = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
+        self.targets = np.stack(targets).astype(np.float32) if targets else np.zeros((0, len(self.class_names)), np.float32)
+
+    def load_image(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+
+@dataclass
+class DataSplits:
+    train: MultiLabelDataset
+    val: MultiLabelDataset
+    test: MultiLabelDataset
+    class_names: list[str]
+    extra_tests: dict[str, MultiLabelDataset] | None = None
+
+
+def class_names_for(config) -> list[str]:
+    """The class list a config implies, without loading any data."""
+    if config.dataset == "synthetic":
+        return list(SYNTHETIC_CLASS_NAMES)
+    from utils import sources  # the real-data readers
+
+    return sources.class_names_for(config)
+
+
+def build_datasets(config) -> DataSplits:
+    if config.dataset == "synthetic":
+        splits = {
+            name: SyntheticChestXrays(name, size, config.image_size, seed=config.seed)
+            for name, size in (
+                ("train", config.synthetic_train_size),
+                ("val", config.synthetic_val_size),
+                ("test", config.synthetic_test_size),
+            )
+        }
+        return DataSplits(class_names=list(SYNTHETIC_CLASS_NAMES), **splits)
+    from utils import sources
+
+    return sources.build_datasets(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------------------
+def to_image_tensor(image: np.ndarray) -> Tensor:
+    """uint8 [H, W] or [H, W, 3] -> uint8 tensor [C, H, W] (C = 1 or 3)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image))
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def _finish(image: Tensor) -> Tensor:
+    """uint8 [1|3, S, S] -> normalised float [3, S, S] (grey images repeated to 3 channels)."""
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    image = image.float().div_(255)
+    return v2.functional.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class EvalTransform:
+    """Deterministic resize to the model resolution (evaluation, push, reasoning)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, image: np.ndarray) -> Tensor:
+        tensor = to_image_tensor(image)
+        if tensor.shape[-2:] != (self.image_size, self.image_size):
+            tensor = v2.functional.resize(tensor, [self.image_size, self.image_size], antialias=True)
+        return _finish(tensor)
+
+
+class RandomSharpness(torch.nn.Module):
+    """Sharpness factor drawn uniformly in [low, high] (torchvision's version takes a fixed factor)."""
+
+    def __init__(self, low: float = 0.8, high: float = 1.2):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, image: Tensor) -> Tensor:
+        factor = self.low + (self.high - self.low) * torch.rand(()).item()
+        return v2.functional.adjust_sharpness(image, factor)
+
+
+class Cutout(torch.nn.Module):
+    """Blank one square of side ``fraction`` x image size at a random position."""
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.fraction = fraction
+
+    def forward(self, image: Tensor) -> Tensor:
+        height, width = image.shape[-2:]
+        side = max(1, round(self.fraction * min(height, width)))
+        top = int(torch.randint(0, max(1, height - side + 1), ()))
+        left = int(torch.randint(0, max(1, width - side + 1), ()))
+        image = image.clone()
+        image[..., top : top + side, left : left + side] = 0
+        return image
+
+
+class TwoViewTransform:
+    """One shared strong transform, then two nearly pixel-aligned views (METHOD.md).
+
+    The shared part (random resized crop to margin x size, one RandAugment-style op, flips, affine)
+    is drawn once per image so both views show the same geometry; each view then gets its own
+    photometric jitter, blur and a tiny resized crop, so the EMA teacher's view differs only slightly.
+    """
+
+    def __init__(self, config):
+        size = config.image_size
+        margin_size = round(config.crop_margin * size)
+        self.shared = v2.Compose([
+            v2.RandomResizedCrop(margin_size, scale=(config.crop_scale_min, 1.0), ratio=(0.5, 2.0), antialias=True),
+            v2.RandomChoice([
+                v2.ColorJitter(saturation=(0.8, 1.2)),
+                v2.ColorJitter(contrast=(0.8, 1.2)),
+                v2.ColorJitter(brightness=(0.8, 1.2)),
+                RandomSharpness(0.8, 1.2),
+                v2.ElasticTransform(alpha=50.0 * size / 512, sigma=5.0 * size / 512),
+                Cutout(25 / 512),
+            ]),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomAffine(
+                degrees=config.affine_degrees,
+                translate=(config.affine_translate, config.affine_translate),
+                scale=(config.affine_scale_min, config.affine_scale_max),
+                shear=config.affine_shear,
+            ),
+        ])
+        blur_kernel = max(3, (size // 32) | 1)
+        self.per_view = v2.Compose([
+            v2.ColorJitter(brightness=(0.8, 1.2), contrast=(0.8, 1.2), saturation=(0.8, 1.2), hue=(-0.01, 0.01)),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.5, 2.0))], p=0.5),
+            v2.RandomResizedCrop(size, scale=(0.95, 1.0), ratio=(0.95, 1.05), antialias=True),
+        ])
+
+    def __call__(self, image: np.ndarray) -> tuple[Tensor, Tensor]:
+        shared = self.shared(to_image_tensor(image))
+        return _finish(self.per_view(shared)), _finish(self.per_view(shared))
+
+
+class SingleViewTransform(TwoViewTransform):
+    """The warm-up stage's augmentation: the shared transform plus one view's jitter."""
+
+    def __call__(self, image: np.ndarray) -> Tensor:
+        return _finish(self.per_view(self.shared(to_image_tensor(image))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrappers
+# ----------------------------------------------------------------------------------------------
+class TransformedDataset(Dataset):
+    """One transformed view per image: {"image", "target", "index"}."""
+
+    def __init__(self, base: MultiLabelDataset, transform):
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(
+            image=self.transform(self.base.load_image(index)),
+            target=torch.from_numpy(self.base.targets[index]),
+            index=index,
+        )
+
+
+class PairedTwoViewDataset(Dataset):
+    """Indexed by (anchor, partner) pairs from :class:`ClassBalancedSampler`.
+
+    Returns views [2, 3, S, S] (student inputs), views_prime [2, 3, S, S] (teacher inputs),
+    targets [2, K] and indices [2] — anchor first, partner second.
+    """
+
+    def __init__(self, base: MultiLabelDataset, transform: TwoViewTransform):
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, pair: tuple[int, int]) -> dict:
+        views, views_prime = zip(*(self.transform(self.base.load_image(i)) for i in pair))
+        return dict(
+            views=torch.stack(views),
+            views_prime=torch.stack(views_prime),
+            targets=torch.from_numpy(self.base.targets[list(pair)]),
+            indices=torch.tensor(pair),
+        )
+
+
+def unpack_pairs(batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[B, 2, ...] pair batch -> (x, x', targets, indices) with anchors [0:B] then partners [B:2B]."""
+    def flat(tensor: Tensor) -> Tensor:
+        return tensor.transpose(0, 1).reshape(-1, *tensor.shape[2:])
+
+    return flat(batch["views"]), flat(batch["views_prime"]), flat(batch["targets"]), flat(batch["indices"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+def class_sampling_weights(targets: np.ndarray, cap: float, no_finding_multiplier: float) -> np.ndarray:
+    """Per-class weights w_c = (all positive labels) / count_c, capped, No Finding multiplied.
+
+    targets [N, K] -> [K]. A class with no images gets weight 0 (it can never be drawn anyway).
+    """
+    counts = targets.sum(axis=0)
+    with np.errstate(divide="ignore"):
+        weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
+    weights = np.minimum(weights, cap)
+    weights[-1] *= no_finding_multiplier
+    return weights
+
+
+def image_sampling_weights(targets: np.ndarray, cap: float, no_finding_multiplier: float) -> np.ndarray:
+    """An image's weight = mean of its positive classes' weights: [N, K] -> [N]."""
+    class_weights = class_sampling_weights(targets, cap, no_finding_multiplier)
+    positives = targets.sum(axis=1)
+    return (targets @ class_weights) / np.maximum(positives, 1)
+
+
+class ClassBalancedSampler(Sampler):
+    """Class-balanced anchors, optionally each with a label-sharing partner (METHOD.md).
+
+    Partner of anchor a: one of a's positive classes uniformly (No Finding counts), then an image
+    uniformly among the training images of that class. Everything is drawn from a generator seeded
+    by (seed, epoch), so an epoch's order is reproducible and independent of how many epochs ran in
+    this process (exact resume). With ``num_replicas`` > 1 each rank takes a disjoint share of one
+    global draw, so an epoch means the same number of samples as on one process.
+    """
+
+    def __init__(
+        self,
+        targets: np.ndarray,
+        num_samples: int,
+        cap: float,
+        no_finding_multiplier: float,
+        paired: bool,
+        seed: int = 0,
+        rank: int = 0,
+        num_replicas: int = 1,
+    ):
+        self.targets = torch.as_tensor(targets, dtype=torch.float64)
+        self.weights = torch.as_tensor(image_sampling_weights(targets, cap, no_finding_multiplier))
+        if float(self.weights.sum()) <= 0:
+            raise DataError("no labelled training images to sample from")
+        self.num_samples = num_samples
+        self.paired = paired
+        self.seed = seed
+        self.rank = rank
+        self.num_replicas = num_replicas
+        self.epoch = 0
+        # Members of each class as one flat index list with offsets: partner draw without a loop.
+        members = [torch.nonzero(self.targets[:, c], as_tuple=True)[0] for c in range(self.targets.shape[1])]
+        self.class_counts = torch.tensor([len(m) for m in members])
+        self.class_offsets = torch.cumsum(self.class_counts, 0) - self.class_counts
+        self.class_members = torch.cat(members)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.num_replicas)
+
+    def draw(self) -> Tensor:
+        """All replicas' samples for this epoch: [num_samples] anchors, or [num_samples, 2] pairs."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        anchors = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        if not self.paired:
+            return anchors
+        partner_class = torch.multinomial(self.targets[anchors], 1, generator=generator).squeeze(1)
+        position = (torch.rand(self.num_samples, generator=generator, dtype=torch.float64) * self.class_counts[partner_class]).long()
+        partners = self.class_members[self.class_offsets[partner_class] + position]
+        return torch.stack([anchors, partners], dim=1)
+
+    def __iter__(self) -> Iterator:
+        samples = self.draw()
+        total = len(self) * self.num_replicas
+        if total > len(samples):  # pad so every rank gets the same count
+            samples = torch.cat([samples, samples[: total - len(samples)]])
+        shard = samples[self.rank : total : self.num_replicas]
+        if self.paired:
+            return iter([tuple(pair) for pair in shard.tolist()])
+        return iter(shard.tolist())

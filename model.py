@@ -1,0 +1,315 @@
+"""The CIPL network: backbone -> top layer -> add-on -> prototypes -> class-identity last layer.
+
+Follows METHOD.md "Architecture". The forward pass returns a :class:`CIPLOutput` whose fields the
+losses take by name. The EMA teacher is a separate :class:`EmaTeacher` object, updated explicitly
+after each optimizer step (never as a side effect of ``forward``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("densenet121", "resnet18", "resnet34", "resnet50", "tiny")
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights could not be downloaded or read."""
+
+
+@dataclass
+class CIPLOutput:
+    """Everything one forward pass produces, by name.
+
+    logits:          [N, K] class logits, No Finding last.
+    min_distances:   [N, P] squared distance of each prototype to its nearest patch.
+    similarity_maps: [N, P, H, W] exp(-d/D) for every patch.
+    features:        [N, D, H, W] add-on features z in [0, 1].
+    """
+
+    logits: Tensor
+    min_distances: Tensor
+    similarity_maps: Tensor
+    features: Tensor
+
+
+class TinyBackbone(nn.Sequential):
+    """A small stride-32 CNN (five stages of stride-2 conv + conv, BatchNorm, ReLU).
+
+    For CPU runs of the synthetic preset and for tests; the paper's backbones are the torchvision ones.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 96, 128)):
+        layers: list[nn.Module] = []
+        channels_in = 3
+        for width in widths:
+            for stride in (2, 1):
+                layers += [nn.Conv2d(channels_in, width, 3, stride=stride, padding=1, bias=False),
+                           nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                channels_in = width
+        super().__init__(*layers)
+        self.out_channels = widths[-1]
+
+
+def _torchvision_weights(name: str):
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def build_backbone(name: str, pretrained: bool = False, pretrained_path: str = "") -> tuple[nn.Module, int]:
+    """A stride-32 feature extractor and its channel count.
+
+    DenseNet-121: output of the last dense block (1024 channels), as in the paper. ResNets: layer4.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name == "tiny":
+        if pretrained or pretrained_path:
+            raise ValueError("the 'tiny' test backbone has no pretrained weights")
+        net = TinyBackbone()
+        return net, net.out_channels
+
+    network = getattr(torchvision.models, name)(weights=None)
+    if pretrained_path:
+        state = _read_weights_file(pretrained_path)
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+        if missing:
+            raise PretrainedWeightsUnavailable(
+                f"{pretrained_path} does not hold {name} weights (missing e.g. {missing[0]})"
+            )
+        logger.info("loaded %s weights from %s", name, pretrained_path)
+    elif pretrained:
+        weights = _torchvision_weights(name)
+        try:
+            network.load_state_dict(weights.get_state_dict(progress=True))
+        except Exception as error:  # offline machines raise URLError, OSError, ...
+            raise PretrainedWeightsUnavailable(
+                f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). "
+                f"Offline? Download {weights.url} on a connected machine and pass "
+                f"--pretrained-path FILE (or train from scratch with --no-pretrained)."
+            ) from error
+        logger.info("loaded torchvision ImageNet weights for %s", name)
+
+    if name.startswith("densenet"):
+        features = network.features
+        # Stop at the last dense block, leaving out the final norm5 (METHOD.md).
+        body = nn.Sequential(*[module for key, module in features.named_children() if key != "norm5"])
+        return body, network.classifier.in_features
+    body = nn.Sequential(
+        network.conv1, network.bn1, network.relu, network.maxpool,
+        network.layer1, network.layer2, network.layer3, network.layer4,
+    )
+    return body, network.fc.in_features
+
+
+def _read_weights_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise PretrainedWeightsUnavailable(f"--pretrained-path {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise PretrainedWeightsUnavailable(f"--pretrained-path {path}: not a PyTorch weights file ({error})") from error
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise PretrainedWeightsUnavailable(f"--pretrained-path {path}: expected a state dict")
+    return state
+
+
+def squared_distances(features: Tensor, prototypes: Tensor) -> Tensor:
+    """||z(h,w) - p_j||^2 for every patch and prototype, clamped at 0.
+
+    features [N, D, H, W], prototypes [P, D] -> [N, P, H, W]. Expanded as ||z||^2 - 2 z.p + ||p||^2 so
+    the N x D x H x W x P difference tensor is never built. Computed in float32 even under autocast:
+    the expansion subtracts numbers of similar size and half precision would lose the small distances
+    that decide push and the similarity maps.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        dtype = torch.promote_types(features.dtype, torch.float32)  # float64 stays float64
+        features = features.to(dtype)
+        prototypes = prototypes.to(dtype)
+        feature_norms = features.pow(2).sum(dim=1, keepdim=True)  # [N, 1, H, W]
+        prototype_norms = prototypes.pow(2).sum(dim=1).view(1, -1, 1, 1)  # [1, P, 1, 1]
+        cross = torch.einsum("ndhw,pd->nphw", features, prototypes)
+        return (feature_norms - 2 * cross + prototype_norms).clamp_min(0)
+
+
+def co_attention(features_a: Tensor, features_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-image co-attention of METHOD.md (L_cross).
+
+    features_a, features_b: [B, D, H, W] (pair i is features_a[i], features_b[i]).
+    Returns (b-content at a's positions, a-content at b's positions), both [B, D, H, W].
+
+    Affinity A_ik = -||z_a(i) - z_b(k)||^2. In the softmax over k the ||z_a(i)||^2 term is the same for
+    every k and cancels (likewise ||z_b(k)||^2 in the softmax over i), so only the B x N x N affinity is
+    built, never the B x D x N x N difference tensor.
+    """
+    batch, dim, height, width = features_a.shape
+    flat_a = features_a.flatten(2)  # [B, D, Na]
+    flat_b = features_b.flatten(2)  # [B, D, Nb]
+    with torch.autocast(device_type=features_a.device.type, enabled=False):
+        dtype = torch.promote_types(flat_a.dtype, torch.float32)
+        flat_a32, flat_b32 = flat_a.to(dtype), flat_b.to(dtype)
+        dot = torch.bmm(flat_a32.transpose(1, 2), flat_b32)  # [B, Na, Nb]
+        norms_a = flat_a32.pow(2).sum(1)  # [B, Na]
+        norms_b = flat_b32.pow(2).sum(1)  # [B, Nb]
+        attend_to_b = torch.softmax(2 * dot - norms_b.unsqueeze(1), dim=2)  # rows: a-positions
+        attend_to_a = torch.softmax(2 * dot - norms_a.unsqueeze(2), dim=1)  # columns: b-positions
+        b_at_a = torch.bmm(flat_b32, attend_to_b.transpose(1, 2))  # [B, D, Na]
+        a_at_b = torch.bmm(flat_a32, attend_to_a)  # [B, D, Nb]
+    return (
+        b_at_a.view(batch, dim, height, width).to(features_a.dtype),
+        a_at_b.view(batch, dim, *features_b.shape[2:]).to(features_b.dtype),
+    )
+
+
+class CIPL(nn.Module):
+    """Prototype network of METHOD.md with the No-Finding reference head."""
+
+    def __init__(
+        self,
+        class_names: list[str] | tuple[str, ...],
+        backbone: str = "densenet121",
+        prototype_dim: int = 256,
+        prototypes_per_class: int = 50,
+        pretrained: bool = False,
+        pretrained_path: str = "",
+    ):
+        super().__init__()
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.num_diseases = self.num_classes - 1
+        self.no_finding_index = self.num_classes - 1
+        self.prototype_dim = prototype_dim
+        self.prototypes_per_class = prototypes_per_class
+        self.num_prototypes = prototypes_per_class * self.num_classes
+        self.backbone_name = backbone
+
+        self.backbone, backbone_channels = build_backbone(backbone, pretrained, pretrained_path)
+        self.top_layer = nn.Conv2d(backbone_channels, prototype_dim, kernel_size=1)
+        nn.init.kaiming_normal_(self.top_layer.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.top_layer.bias)
+        self.add_on = nn.Sequential(
+            nn.Conv2d(prototype_dim, prototype_dim, kernel_size=1),
+            nn.ReLU(),
+            nn.Conv2d(prototype_dim, prototype_dim, kernel_size=1),
+            nn.Sigmoid(),
+        )
+        for layer in self.add_on:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        self.prototypes = nn.Parameter(torch.rand(self.num_prototypes, prototype_dim))
+        self.last_layer = nn.Linear(self.num_prototypes, self.num_classes, bias=False)
+
+        prototype_class = torch.arange(self.num_prototypes) // prototypes_per_class
+        self.register_buffer("prototype_class", prototype_class)
+        self.register_buffer("class_identity", F.one_hot(prototype_class, self.num_classes).T.float())
+        self.last_layer.weight.data.copy_(self.class_identity)
+        # Prototype provenance lives in the state dict so a checkpoint explains itself:
+        # the training image (dataset index) and feature-map location each prototype was pushed onto.
+        self.register_buffer("prototype_source_index", torch.full((self.num_prototypes,), -1, dtype=torch.long))
+        self.register_buffer("prototype_source_location", torch.full((self.num_prototypes, 2), -1, dtype=torch.long))
+        self.register_buffer("prototype_source_distance", torch.full((self.num_prototypes,), float("nan")))
+
+    # -- parameter groups ----------------------------------------------------------------------
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters()) + list(self.top_layer.parameters())
+
+    def add_on_parameters(self) -> list[nn.Parameter]:
+        return list(self.add_on.parameters())
+
+    @property
+    def is_pushed(self) -> bool:
+        return bool((self.prototype_source_index >= 0).all())
+
+    # -- forward -------------------------------------------------------------------------------
+    def extract_features(self, images: Tensor) -> Tensor:
+        """images [N, 3, S, S] -> z [N, D, S/32, S/32] in [0, 1]."""
+        return self.add_on(self.top_layer(self.backbone(images)))
+
+    def classify_features(self, features: Tensor) -> CIPLOutput:
+        distances = squared_distances(features, self.prototypes)
+        similarity_maps = torch.exp(-distances / self.prototype_dim)
+        min_distances = distances.flatten(2).amin(dim=2)
+        scores = torch.exp(-min_distances / self.prototype_dim)
+        logits = self.last_layer(scores)
+        return CIPLOutput(logits=logits, min_distances=min_distances, similarity_maps=similarity_maps, features=features)
+
+    def forward(self, images: Tensor) -> CIPLOutput:
+        return self.classify_features(self.extract_features(images))
+
+    @torch.no_grad()
+    def constrain_last_layer(self) -> None:
+        """Last-layer stage rule: off-class weights 0, own-class weights >= 0."""
+        self.last_layer.weight.mul_(self.class_identity).clamp_(min=0)
+
+    def description(self) -> dict:
+        """What a checkpoint must match to be loaded into this model."""
+        return dict(
+            class_names=self.class_names,
+            backbone=self.backbone_name,
+            prototype_dim=self.prototype_dim,
+            prototypes_per_class=self.prototypes_per_class,
+        )
+
+
+def disease_probabilities(logits: Tensor) -> Tensor:
+    """P(c) = softmax([l_NF, l_c])[1] = sigmoid(l_c - l_NF) for the C diseases: [N, K] -> [N, C]."""
+    return torch.sigmoid(logits[:, :-1] - logits[:, -1:])
+
+
+def build_model(config) -> CIPL:
+    from datasets import class_names_for  # local import: datasets imports torchvision transforms
+
+    return CIPL(
+        class_names_for(config),
+        backbone=config.backbone,
+        prototype_dim=config.prototype_dim,
+        prototypes_per_class=config.prototypes_per_class,
+        pretrained=config.pretrained,
+        pretrained_path=config.pretrained_path,
+    )
+
+
+class EmaTeacher:
+    """Exponential-moving-average copy of the student (METHOD.md "EMA teacher").
+
+    Updated explicitly after each optimizer step: theta_t <- decay * theta_t + (1 - decay) * theta_s,
+    buffers (BatchNorm statistics, provenance) copied. Never receives gradients.
+    """
+
+    def __init__(self, student: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.module = copy.deepcopy(student).eval()
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        teacher_params = list(self.module.parameters())
+        student_params = [p.detach() for p in student.parameters()]
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - self.decay)
+        for teacher_buffer, student_buffer in zip(self.module.buffers(), student.buffers()):
+            teacher_buffer.copy_(student_buffer)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> CIPLOutput:
+        return self.module(images)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
+
+    def to(self, device) -> "EmaTeacher":
+        self.module.to(device)
+        return self

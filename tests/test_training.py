@@ -1,0 +1,174 @@
+"""The schedule end to end on tiny data: output contract, exact resume, NaN handling, stage rules."""
+import csv
+import json
+
+import pytest
+import torch
+
+import losses
+import main
+from utils.checkpoint import load_checkpoint
+from utils.training import Stage, TrainingDiverged, build_schedule
+
+
+def test_schedule_reads_like_the_paper():
+    from settings import preset_config
+
+    schedule = build_schedule(preset_config("nih"))
+    kinds = [stage.kind for stage in schedule]
+    assert kinds[:15] == ["warmup"] * 15
+    assert kinds.count("paired") == 26
+    assert kinds.count("push") == 2
+    assert kinds.count("last_layer") == 12
+    push_at = [stage.epoch for stage in schedule if stage.kind == "push"]
+    assert push_at == [35, 40]
+    after_first_push = schedule.index(Stage("push", 35))
+    assert [s.kind for s in schedule[after_first_push + 1 : after_first_push + 8]] == ["last_layer"] * 6 + ["paired"]
+
+
+def test_full_run_writes_the_output_contract(config_factory):
+    config = config_factory()
+    run_dir = main.train(config, progress=False)
+    for name in ("config.json", "log.txt", "metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt", "results.json"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    diseases = ["Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax"]
+    for split in ("val", "test"):
+        assert set(results[split]["auc"]) == set(diseases)
+        assert 0.0 <= results[split]["mean_auc"] <= 1.0
+    with (run_dir / "metrics.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == len(build_schedule(config))
+    assert {"classification", "cluster", "separation", "cross_image", "interpretation", "prediction",
+            "val_mean_auc", "lr_backbone", "lr_last_layer"} <= set(rows[0])
+    assert rows[-1]["stage"] == "last_layer" and rows[1]["cross_image"] != ""
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["backbone"] == "tiny" and saved["push_epochs"] == [2, 3]
+
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    for key in ("model", "teacher", "optimizers", "schedulers", "stage", "epoch", "rng", "config",
+                "class_names", "prototype_provenance", "next_stage"):
+        assert key in state, key
+    assert state["teacher"] is not None
+    provenance = state["prototype_provenance"]
+    assert len(provenance) == 7 * 2 and all(record["image_id"].startswith("synthetic-train-") for record in provenance)
+    # Model selection is among pushed models only, so the best model is grounded.
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert (best["model"]["prototype_source_index"] >= 0).all()
+
+
+def test_same_seed_same_weights_and_resume_is_exact(config_factory):
+    straight = main.train(config_factory("straight"), progress=False)
+    interrupted_config = config_factory("interrupted", max_stages=3)
+    interrupted = main.train(interrupted_config, progress=False)
+    assert not (interrupted / "results.json").exists()
+    state = load_checkpoint(interrupted)
+    assert state["next_stage"] == 3
+    resumed_config = main.config_for_resume(state, main.get_args_parser().parse_args([]))
+    main.train(resumed_config, resume_state=state, progress=False)
+
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(interrupted / "checkpoints" / "last.pt")
+    for part in ("model", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    assert json.loads((straight / "results.json").read_text())["test"] == json.loads((interrupted / "results.json").read_text())["test"]
+    with (interrupted / "metrics.csv").open() as stream:
+        assert [int(row["stage_index"]) for row in csv.DictReader(stream)] == list(range(len(build_schedule(resumed_config))))
+
+
+def test_different_seed_different_weights(config_factory):
+    a = main.train(config_factory("a", max_stages=1), progress=False)
+    b = main.train(config_factory("b", max_stages=1, seed=1), progress=False)
+    wa = load_checkpoint(a)["model"]["prototypes"]
+    wb = load_checkpoint(b)["model"]["prototypes"]
+    assert not torch.equal(wa, wb)
+
+
+def test_nan_loss_stops_with_stage_epoch_step_and_keeps_last_checkpoint(config_factory, monkeypatch, capsys):
+    run_dir = main.train(config_factory(max_stages=1), progress=False)
+    last = run_dir / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+
+    def exploding(logits, targets):
+        return logits.sum() * float("nan")
+
+    monkeypatch.setattr(losses, "classification_loss", exploding)
+    with pytest.raises(TrainingDiverged, match=r"stage paired, epoch 1, step 0: .*classification=nan"):
+        main.train(main.config_for_resume(load_checkpoint(run_dir), main.get_args_parser().parse_args([])),
+                   resume_state=load_checkpoint(run_dir), progress=False)
+    assert last.read_bytes() == before
+    assert not (run_dir / "results.json").exists()
+    # Through the command line: one line, non-zero exit.
+    assert main.main(["--resume", str(run_dir), "--no-progress"]) == 3
+    assert "non-finite loss in stage paired, epoch 1, step 0" in capsys.readouterr().err
+    assert last.read_bytes() == before
+
+
+def test_last_layer_stage_changes_only_the_last_layer_and_keeps_its_sign_rules(config_factory):
+    from datasets import build_datasets
+    from model import build_model
+    from utils.training import Trainer
+
+    config = config_factory()
+    trainer = Trainer(config, build_model(config), build_datasets(config), torch.device("cpu"), progress=False)
+    schedule = build_schedule(config)
+    for index in range(schedule.index(Stage("push", 2)) + 1):
+        trainer.run_stage(schedule[index], index)
+    with torch.no_grad():  # make the rule do something: negative own-class and non-zero off-class weights
+        trainer.model.last_layer.weight.add_(torch.randn_like(trainer.model.last_layer.weight) * 0.1)
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    index = schedule.index(Stage("last_layer", 2, 0))
+    trainer.run_stage(schedule[index], index)
+    after = trainer.model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"last_layer.weight"}
+    weight = after["last_layer.weight"]
+    identity = trainer.model.class_identity
+    assert torch.all(weight[identity == 0] == 0)
+    assert torch.all(weight[identity == 1] >= 0)
+
+
+def test_resume_refuses_a_changed_setting(config_factory):
+    run_dir = main.train(config_factory(max_stages=1), progress=False)
+    assert main.main(["--resume", str(run_dir), "--prototype-dim", "32", "--no-progress"]) == 2
+
+
+def test_checkpoint_of_another_configuration_is_refused(config_factory, tmp_path):
+    from model import build_model
+    from utils.checkpoint import CheckpointError, check_compatible
+
+    run_dir = main.train(config_factory(max_stages=1), progress=False)
+    state = load_checkpoint(run_dir)
+    other = build_model(config_factory(prototypes_per_class=3))
+    with pytest.raises(CheckpointError, match="prototypes_per_class"):
+        check_compatible(state, other)
+    not_ours = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, not_ours)
+    with pytest.raises(CheckpointError, match="not a CIPL checkpoint"):
+        load_checkpoint(not_ours)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(garbage)
+
+
+def test_eval_only_writes_results(config_factory, tmp_path):
+    run_dir = main.train(config_factory(), progress=False)
+    out = tmp_path / "eval"
+    code = main.main(["--eval-only", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--out-dir", str(out), "--no-progress"])
+    assert code == 0
+    evaluated = json.loads((out / "results.json").read_text())
+    trained = json.loads((run_dir / "results.json").read_text())
+    assert evaluated["test"]["mean_auc"] == pytest.approx(trained["test"]["mean_auc"])
+
+
+def test_cli_builds_config_from_preset_and_flags():
+    args = main.get_args_parser().parse_args(
+        ["--preset", "nih", "--epochs", "3", "--push-epochs", "1", "2", "--no-cross-image", "--lr-backbone", "0.5"]
+    )
+    config = main.resolve_config(args)
+    assert config.dataset == "nih" and config.backbone == "densenet121" and config.prototypes_per_class == 50
+    assert config.epochs == 3 and config.push_epochs == (1, 2) and config.cross_image is False
+    assert config.lr_backbone == 0.5 and config.interpretation_alignment is True

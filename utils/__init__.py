@@ -1,0 +1,1 @@
+"""Utilities shared by the training, evaluation and test code."""

@@ -1,0 +1,172 @@
+"""Push (prototype projection) of METHOD.md: ground every prototype on a real training patch.
+
+Two passes over the push set (training images, deterministic resize):
+
+1. *scan*: one batched inference pass. For every prototype we keep only its ``k`` nearest candidate
+   images of its own class (distance, image, location), merged batch by batch with a stable sort,
+   so memory is O(P x k) whatever the dataset size. ``k = P`` is always enough: prototype j can lose
+   at most j candidates to earlier prototypes under the non-repetitive rule.
+2. *select*: prototypes in index order take their nearest candidate whose image no earlier
+   prototype took (global across classes); then the features of the chosen images (at most P of
+   them) are recomputed and copied into the prototypes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from model import squared_distances
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PushCandidates:
+    """Per prototype, its nearest candidates sorted by distance: all [P, k]."""
+
+    distances: Tensor  # float, inf where there is no candidate
+    image_indices: Tensor  # long, dataset index, -1 where none
+    locations: Tensor  # long, flat feature-map position h * W + w
+
+
+def empty_candidates(num_prototypes: int, k: int) -> PushCandidates:
+    return PushCandidates(
+        distances=torch.full((num_prototypes, k), float("inf")),
+        image_indices=torch.full((num_prototypes, k), -1, dtype=torch.long),
+        locations=torch.zeros((num_prototypes, k), dtype=torch.long),
+    )
+
+
+def merge_candidates(current: PushCandidates, new: PushCandidates, k: int) -> PushCandidates:
+    """Keep the k nearest of both, ties to the lower image index (stable and order-independent)."""
+    distances = torch.cat([current.distances, new.distances], dim=1)
+    image_indices = torch.cat([current.image_indices, new.image_indices], dim=1)
+    locations = torch.cat([current.locations, new.locations], dim=1)
+    # Sort by image index first, then stably by distance: equal distances keep image-index order
+    # no matter in which order batches (or ranks) arrived.
+    missing = image_indices < 0
+    by_image = torch.sort(torch.where(missing, torch.iinfo(torch.long).max, image_indices), dim=1, stable=True).indices
+    distances, image_indices, locations = (t.gather(1, by_image) for t in (distances, image_indices, locations))
+    order = torch.sort(distances, dim=1, stable=True).indices[:, :k]
+    return PushCandidates(distances.gather(1, order), image_indices.gather(1, order), locations.gather(1, order))
+
+
+@torch.no_grad()
+def batch_candidates(model, images: Tensor, targets: Tensor, indices: Tensor) -> PushCandidates:
+    """Every (prototype, image) pair of this batch as a candidate: [P, n], inf where the image
+    does not carry the prototype's class."""
+    distance_maps = squared_distances(model.extract_features(images), model.prototypes).flatten(2)  # [n, P, HW]
+    distances, locations = distance_maps.min(dim=2)  # [n, P] each
+    eligible = targets.to(distances.device)[:, model.prototype_class] > 0  # [n, P]
+    distances = torch.where(eligible, distances, torch.full_like(distances, float("inf")))
+    image_indices = torch.where(eligible, indices.to(distances.device).unsqueeze(1), -1)
+    return PushCandidates(distances.T.cpu(), image_indices.T.cpu(), locations.T.cpu())
+
+
+def scan_push_set(model, loader: DataLoader, device, k: int, progress: bool = True) -> PushCandidates:
+    candidates = empty_candidates(model.num_prototypes, k)
+    for batch in tqdm(loader, desc="push: scan", leave=False, disable=not progress):
+        new = batch_candidates(model, batch["image"].to(device), batch["target"], batch["index"])
+        candidates = merge_candidates(candidates, new, k)
+    return candidates
+
+
+def select_nonrepetitive(candidates: PushCandidates, num_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy, in prototype order: each prototype takes its nearest candidate whose image is unused.
+
+    Returns (image index [P], flat location [P], distance [P], reused [P] bool). The rule is sequential
+    by definition (prototype j depends on 0..j-1), so this walks the P prototypes once over small
+    [P, k] arrays; a prototype whose candidates are all used falls back to its nearest (reused=True),
+    one with no candidate at all gets image -1.
+    """
+    distances = candidates.distances.numpy()
+    image_indices = candidates.image_indices.numpy()
+    locations = candidates.locations.numpy()
+    used = np.zeros(num_images + 1, dtype=bool)  # last slot absorbs index -1
+    num_prototypes = distances.shape[0]
+    chosen = np.full(num_prototypes, -1, dtype=np.int64)
+    chosen_location = np.zeros(num_prototypes, dtype=np.int64)
+    chosen_distance = np.full(num_prototypes, np.inf)
+    reused = np.zeros(num_prototypes, dtype=bool)
+    for prototype in range(num_prototypes):
+        valid = np.isfinite(distances[prototype])
+        if not valid.any():
+            continue
+        free = valid & ~used[image_indices[prototype]]
+        slot = int(np.argmax(free)) if free.any() else 0
+        reused[prototype] = not free.any()
+        chosen[prototype] = image_indices[prototype, slot]
+        chosen_location[prototype] = locations[prototype, slot]
+        chosen_distance[prototype] = distances[prototype, slot]
+        used[chosen[prototype]] = True
+    return chosen, chosen_location, chosen_distance, reused
+
+
+@torch.no_grad()
+def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                    image_ids: list[str] | None = None) -> list[dict]:
+    """Project every prototype of ``model`` onto its nearest unused training patch of its class.
+
+    push_dataset yields {"image", "target", "index"} with deterministic preprocessing (no
+    augmentation). Updates model.prototypes and the provenance buffers in place and returns the
+    provenance, one dict per prototype.
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(push_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    k = model.num_prototypes
+    candidates = scan_push_set(model, loader, device, k, progress)
+    chosen, flat_location, distance, reused = select_nonrepetitive(candidates, len(push_dataset))
+
+    pushed = np.flatnonzero(chosen >= 0)
+    for prototype in np.flatnonzero(chosen < 0):
+        logger.warning("prototype %d (class %d) has no training image of its class: left unpushed",
+                       prototype, int(model.prototype_class[prototype]))
+    if reused.any():
+        logger.warning("%d prototypes had to reuse an image already taken (too few images in their class)", int(reused.sum()))
+
+    # Second pass over the (at most P) chosen images only, to copy their features.
+    unique_images, inverse = np.unique(chosen[pushed], return_inverse=True)
+    subset_loader = DataLoader(Subset(push_dataset, unique_images.tolist()), batch_size=batch_size, shuffle=False)
+    features = torch.cat([model.extract_features(batch["image"].to(device)) for batch in subset_loader])
+    width = features.shape[-1]
+    rows = torch.as_tensor(flat_location[pushed] // width)
+    cols = torch.as_tensor(flat_location[pushed] % width)
+    vectors = features[torch.as_tensor(inverse, device=features.device), :, rows.to(features.device), cols.to(features.device)]
+
+    pushed_index = torch.as_tensor(pushed, device=model.prototypes.device)
+    model.prototypes.data[pushed_index] = vectors.to(model.prototypes.dtype)
+    model.prototype_source_index[pushed_index] = torch.as_tensor(chosen[pushed], device=model.prototypes.device)
+    model.prototype_source_location[pushed_index] = torch.stack([rows, cols], dim=1).to(model.prototypes.device)
+    model.prototype_source_distance[pushed_index] = torch.as_tensor(distance[pushed], dtype=torch.float32, device=model.prototypes.device)
+    model.train(was_training)
+    logger.info("push: %d of %d prototypes grounded on %d distinct training images",
+                len(pushed), model.num_prototypes, len(unique_images))
+    return provenance_records(model, image_ids, reused)
+
+
+def provenance_records(model, image_ids: list[str] | None, reused=None) -> list[dict]:
+    """The checkpoint's human-readable prototype provenance."""
+    records = []
+    source = model.prototype_source_index.tolist()
+    location = model.prototype_source_location.tolist()
+    distance = model.prototype_source_distance.tolist()
+    for prototype in range(model.num_prototypes):
+        index = source[prototype]
+        records.append(dict(
+            prototype=prototype,
+            class_index=int(model.prototype_class[prototype]),
+            class_name=model.class_names[int(model.prototype_class[prototype])],
+            image_index=index,
+            image_id=(image_ids[index] if image_ids is not None and index >= 0 else None),
+            location=location[prototype],
+            distance=distance[prototype],
+            reused_image=bool(reused[prototype]) if reused is not None else False,
+        ))
+    return records

@@ -1,0 +1,209 @@
+"""Tests for utils/synthetic.py: determinism, label/box consistency, the co-occurrence structure that
+CIPL is meant to disentangle, and that every lesion really changes the pixels inside its box."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_DISEASES, SyntheticCase, case_seed, render_case
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_DISEASES = len(SYNTHETIC_DISEASES)
+NO_FINDING = len(SYNTHETIC_CLASS_NAMES) - 1
+ATELECTASIS, CARDIOMEGALY, EFFUSION, MASS, NODULE, PNEUMOTHORAX = range(NUM_DISEASES)
+STATS_CASES = 2000
+STATS_SIZE = 48  # labels do not depend on the size; small keeps the suite fast
+
+
+@pytest.fixture(scope="module")
+def train_cases() -> list[SyntheticCase]:
+    return [render_case(case_seed(0, "train", index), STATS_SIZE) for index in range(STATS_CASES)]
+
+
+@pytest.fixture(scope="module")
+def train_targets(train_cases) -> np.ndarray:
+    return np.stack([case.target for case in train_cases])
+
+
+def _box_mean(image: np.ndarray, box) -> float:
+    _, x, y, w, h = box
+    x0, y0 = int(np.floor(x)), int(np.floor(y))
+    x1, y1 = int(np.ceil(x + w)), int(np.ceil(y + h))
+    return float(image[y0:y1, x0:x1].mean())
+
+
+def test_class_names_put_no_finding_last():
+    assert SYNTHETIC_DISEASES == ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")
+    assert SYNTHETIC_CLASS_NAMES == SYNTHETIC_DISEASES + ("No Finding",)
+
+
+def test_case_seed_is_deterministic_and_splits_never_share_a_seed():
+    assert case_seed(7, "train", 3) == case_seed(7, "train", 3)
+    seeds = {
+        split: [case_seed(split_seed, split, i) for split_seed in (0, 1) for i in range(1000)]
+        for split in ("train", "val", "test")
+    }
+    for split, values in seeds.items():
+        assert all(isinstance(v, int) and v >= 0 for v in values)
+        assert len(set(values)) == len(values), f"seed collision inside {split}"
+    assert not set(seeds["train"]) & set(seeds["val"])
+    assert not set(seeds["train"]) & set(seeds["test"])
+    assert not set(seeds["val"]) & set(seeds["test"])
+    # Neighbouring indices and split seeds must not map to neighbouring seeds (well mixed).
+    assert abs(case_seed(0, "train", 1) - case_seed(0, "train", 0)) > 2**32
+    assert case_seed(0, "train", 0) != case_seed(1, "train", 0)
+
+
+@pytest.mark.parametrize("split_seed, split, index", [(0, "validation", 0), (0, "train", -1), (-1, "train", 0)])
+def test_case_seed_rejects_bad_arguments(split_seed, split, index):
+    with pytest.raises(ValueError):
+        case_seed(split_seed, split, index)
+
+
+def test_same_seed_renders_identical_case_regardless_of_order():
+    seeds = [case_seed(3, "val", i) for i in range(4)]
+    forward = [render_case(seed, 96) for seed in seeds]
+    backward = [render_case(seed, 96) for seed in reversed(seeds)][::-1]
+    for a, b in zip(forward, backward):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.target, b.target)
+        assert a.boxes == b.boxes
+
+
+def _fingerprint(case: SyntheticCase) -> str:
+    return hashlib.sha256(case.image.tobytes() + case.target.tobytes() + repr(case.boxes).encode()).hexdigest()
+
+
+def test_render_is_identical_in_a_fresh_process_with_another_hash_seed():
+    script = (
+        "import sys\n"
+        "from tests.test_synthetic import _fingerprint\n"
+        "from utils.synthetic import case_seed, render_case\n"
+        "sys.stdout.write(_fingerprint(render_case(case_seed(5, 'test', 11), 64)))\n"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout == _fingerprint(render_case(case_seed(5, "test", 11), 64))
+
+
+def test_different_splits_give_different_images():
+    for index in range(3):
+        images = [render_case(case_seed(0, split, index), 64).image for split in ("train", "val", "test")]
+        assert not np.array_equal(images[0], images[1])
+        assert not np.array_equal(images[0], images[2])
+        assert not np.array_equal(images[1], images[2])
+
+
+@pytest.mark.parametrize("size", [32, 97, 160, 333])
+def test_image_dtype_shape_and_range(size):
+    for index in range(3):
+        case = render_case(case_seed(1, "train", index), size)
+        assert case.image.dtype == np.uint8 and case.image.shape == (size, size)
+        assert case.target.dtype == np.float32 and case.target.shape == (len(SYNTHETIC_CLASS_NAMES),)
+        # A real image, not a constant or a saturated frame: dark lungs, bright mediastinum.
+        assert case.image.std() > 15
+        assert int(case.image.max()) - int(case.image.min()) > 80
+        assert (case.image == 255).mean() < 0.05
+
+
+def test_rejects_images_too_small_to_draw():
+    with pytest.raises(ValueError):
+        render_case(0, 16)
+
+
+def test_scene_does_not_depend_on_image_size():
+    for index in range(20):
+        seed = case_seed(2, "train", index)
+        small, large = render_case(seed, 64), render_case(seed, 256)
+        np.testing.assert_array_equal(small.target, large.target)
+        assert [b[0] for b in small.boxes] == [b[0] for b in large.boxes]
+        for a, b in zip(small.boxes, large.boxes):
+            # Same geometry up to pixel rounding (2 px at 64 is 8 px at 256, plus edge softness).
+            np.testing.assert_allclose(np.array(a[1:]) * 4, np.array(b[1:]), atol=12)
+
+
+def test_targets_are_multi_hot_and_consistent_with_boxes(train_cases):
+    for case in train_cases:
+        target = case.target
+        assert set(np.unique(target)) <= {0.0, 1.0}
+        diseases = set(np.flatnonzero(target[:NUM_DISEASES]).tolist())
+        assert target[NO_FINDING] == (0.0 if diseases else 1.0)
+        assert len(diseases) <= 3
+        boxed = [box[0] for box in case.boxes]
+        assert set(boxed) == diseases  # a normal case has no boxes; every positive disease has one
+        for disease in diseases:
+            count = boxed.count(disease)
+            assert 1 <= count <= (3 if disease == NODULE else 1)
+        for class_index, x, y, w, h in case.boxes:
+            assert isinstance(class_index, int) and 0 <= class_index < NUM_DISEASES
+            assert w > 0 and h > 0
+            assert x >= 0 and y >= 0 and x + w <= STATS_SIZE + 1e-6 and y + h <= STATS_SIZE + 1e-6
+
+
+def test_prevalence_and_normal_share(train_targets):
+    prevalence = train_targets[:, :NUM_DISEASES].mean(axis=0)
+    for name, value in zip(SYNTHETIC_DISEASES, prevalence):
+        assert 0.08 <= value <= 0.30, f"{name} prevalence {value:.3f}"
+    assert 0.35 <= train_targets[:, NO_FINDING].mean() <= 0.45
+    counts = train_targets[:, :NUM_DISEASES].sum(axis=1)
+    assert (counts >= 2).mean() > 0.10  # multi-label cases are common
+    assert (counts == 3).mean() > 0.01
+
+
+def test_diseases_co_occur_like_nih_but_each_also_appears_alone(train_targets):
+    diseases = train_targets[:, :NUM_DISEASES] == 1
+
+    def conditional(given: int, event: int) -> float:
+        return float(diseases[diseases[:, given], event].mean())
+
+    prevalence = diseases.mean(axis=0)
+    assert conditional(EFFUSION, CARDIOMEGALY) > 0.5  # effusion mostly with cardiomegaly
+    assert conditional(EFFUSION, CARDIOMEGALY) > 2 * prevalence[CARDIOMEGALY]
+    assert conditional(CARDIOMEGALY, EFFUSION) > 2 * prevalence[EFFUSION]
+    assert conditional(MASS, NODULE) > 2 * prevalence[NODULE]
+    assert conditional(NODULE, MASS) > 1.5 * prevalence[MASS]
+    assert conditional(ATELECTASIS, EFFUSION) > 1.5 * prevalence[EFFUSION]
+    # Unrelated pairs stay near independence, so the correlations above are the structure, not noise.
+    assert conditional(PNEUMOTHORAX, CARDIOMEGALY) < 0.5 * prevalence[CARDIOMEGALY] + 0.05
+    only_one = diseases.sum(axis=1) == 1
+    for index, name in enumerate(SYNTHETIC_DISEASES):
+        assert (diseases[:, index] & only_one).mean() > 0.01, f"{name} is (almost) never alone"
+
+
+def test_lesions_change_the_pixels_inside_their_boxes(train_cases, train_targets):
+    """Compare each lesion box with the same box in normal images.
+
+    Images are normalised by their own median and 10-90 % spread to remove exposure differences. The
+    reference is the mean normalised normal image (half of the normals); a control measures unseen
+    normal images through the same boxes. If a lesion were not drawn, lesion and control would agree.
+    """
+    images = np.stack([case.image for case in train_cases]).astype(np.float32)
+    flat = images.reshape(len(images), -1)
+    low, median, high = np.percentile(flat, [10, 50, 90], axis=1)
+    normalised = (images - median[:, None, None]) / (high - low)[:, None, None]
+    normal = np.flatnonzero(train_targets[:, NO_FINDING] == 1)
+    reference = normalised[normal[0::2]].mean(axis=0)
+    controls = normal[1::2]
+
+    expected_sign = {ATELECTASIS: 1, CARDIOMEGALY: 1, EFFUSION: 1, MASS: 1, NODULE: 1, PNEUMOTHORAX: -1}
+    for disease, sign in expected_sign.items():
+        lesion, control = [], []
+        for case_index, case in enumerate(train_cases):
+            for box in case.boxes:
+                if box[0] != disease:
+                    continue
+                baseline = _box_mean(reference, box)
+                lesion.append(_box_mean(normalised[case_index], box) - baseline)
+                control.append(_box_mean(normalised[controls[len(control) % len(controls)]], box) - baseline)
+        lesion, control = sign * np.array(lesion), sign * np.array(control)
+        name = SYNTHETIC_DISEASES[disease]
+        assert len(lesion) > 100, name
+        assert np.median(lesion) - np.median(control) > 0.03, name
+        assert (lesion > np.median(control)).mean() > 0.6, name

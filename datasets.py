@@ -252,7 +252,8 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item) -> dict:
+        index = _seeded(item)
         return dict(
             image=self.transform(self.base.load_image(index)),
             target=torch.from_numpy(self.base.targets[index]),
@@ -274,7 +275,8 @@ class PairedTwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, pair: tuple[int, int]) -> dict:
+    def __getitem__(self, item: tuple[int, int, int]) -> dict:
+        pair = _seeded(item)
         views, views_prime = zip(*(self.transform(self.base.load_image(i)) for i in pair))
         return dict(
             views=torch.stack(views),
@@ -282,6 +284,16 @@ class PairedTwoViewDataset(Dataset):
             targets=torch.from_numpy(self.base.targets[list(pair)]),
             indices=torch.tensor(pair),
         )
+
+
+def _seeded(item):
+    """Sampler items carry their own augmentation seed as a last element: (index, seed) or
+    (anchor, partner, seed). Seeding per sample makes the augmentation of a sample independent of
+    the number of loader workers and of processes; a plain index is used as is."""
+    if isinstance(item, (tuple, list)):
+        torch.manual_seed(item[-1])
+        return item[0] if len(item) == 2 else tuple(item[:-1])
+    return item
 
 
 def unpack_pairs(batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -359,15 +371,17 @@ class ClassBalancedSampler(Sampler):
         return math.ceil(self.num_samples / self.num_replicas)
 
     def draw(self) -> Tensor:
-        """All replicas' samples for this epoch: [num_samples] anchors, or [num_samples, 2] pairs."""
+        """All replicas' samples for this epoch: [num_samples, 2] rows (anchor, augmentation seed),
+        or [num_samples, 3] rows (anchor, partner, augmentation seed) when paired."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         anchors = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
         if not self.paired:
-            return anchors
+            return torch.stack([anchors, seeds], dim=1)
         partner_class = torch.multinomial(self.targets[anchors], 1, generator=generator).squeeze(1)
         position = (torch.rand(self.num_samples, generator=generator, dtype=torch.float64) * self.class_counts[partner_class]).long()
         partners = self.class_members[self.class_offsets[partner_class] + position]
-        return torch.stack([anchors, partners], dim=1)
+        return torch.stack([anchors, partners, seeds], dim=1)
 
     def __iter__(self) -> Iterator:
         samples = self.draw()
@@ -375,6 +389,4 @@ class ClassBalancedSampler(Sampler):
         if total > len(samples):  # pad so every rank gets the same count
             samples = torch.cat([samples, samples[: total - len(samples)]])
         shard = samples[self.rank : total : self.num_replicas]
-        if self.paired:
-            return iter([tuple(pair) for pair in shard.tolist()])
-        return iter(shard.tolist())
+        return iter([tuple(row) for row in shard.tolist()])

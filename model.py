@@ -39,6 +39,7 @@ class CIPLOutput:
     min_distances: Tensor
     similarity_maps: Tensor
     features: Tensor
+    cross_logits: Tensor | None = None  # [2B, K] logits of the co-attended features, with co_attend=True
 
 
 class TinyBackbone(nn.Sequential):
@@ -244,8 +245,18 @@ class CIPL(nn.Module):
         logits = self.last_layer(scores)
         return CIPLOutput(logits=logits, min_distances=min_distances, similarity_maps=similarity_maps, features=features)
 
-    def forward(self, images: Tensor) -> CIPLOutput:
-        return self.classify_features(self.extract_features(images))
+    def forward(self, images: Tensor, co_attend: bool = False) -> CIPLOutput:
+        """images [N, 3, S, S]. With ``co_attend`` the batch is B pairs (anchors [0:B], partners
+        [B:2B]) and the output also carries the logits of the co-attended features (L_cross): b's
+        content at a's positions for rows [0:B], a's content at b's positions for rows [B:2B].
+        Everything that needs gradients happens inside this one call, so DistributedDataParallel
+        sees the whole computation."""
+        output = self.classify_features(self.extract_features(images))
+        if co_attend:
+            half = images.shape[0] // 2
+            b_at_a, a_at_b = co_attention(output.features[:half], output.features[half:])
+            output.cross_logits = self.classify_features(torch.cat([b_at_a, a_at_b])).logits
+        return output
 
     @torch.no_grad()
     def constrain_last_layer(self) -> None:

@@ -84,6 +84,35 @@ class Config:
     interpretation_alignment: bool = True  # ablation switch: L_inte
     prediction_alignment: bool = True  # ablation switch: L_pred
 
+    # --- performance and scale ----------------------------------------------------------------
+    amp: str = "off"  # off | bf16 | fp16 (fp16 with a gradient scaler)
+    channels_last: bool = False
+    compile: bool = False
+    sync_batchnorm: bool = False
+
+    # --- real datasets (utils/sources.py) ---------------------------------------------------
+    # csv: the split lists; odir: annotation spreadsheets that replace the automatic search.
+    train_csv: str = ""
+    val_csv: str = ""  # empty: a patient-disjoint --val-fraction of the training list
+    test_csv: str = ""
+    image_root: str = ""  # csv: image paths are relative to this (default --data-root, else the CSV's folder)
+    image_column: str = ""  # csv: column holding the image path (default: the first column)
+    label_column: str = ""  # csv: one "|"-separated label column (default: one 0/1 column per class)
+    patient_column: str = ""  # csv: patient id column for patient-disjoint splits (default: auto)
+    classes: tuple[str, ...] = ()  # csv: disease names in order (default: from the header or the labels)
+    uncertain_label: str = "error"  # csv: what a -1 (uncertain) label means: error | zero | one
+    boxes: str = ""  # csv: box file in the NIH BBox_List_2017.csv format, in image-file pixels
+    split_seed: int = 0  # seed of the validation split carved from the training list
+    odir_test_sets: tuple[str, ...] = ("on-site", "off-site")  # first = test, others = extra tests
+    cache: bool = True  # real data: decode + resize every image once into a memory-mapped cache
+    cache_dir: str = ""  # default: <data_root>/.cipl-cache, else ~/.cache/cipl
+    verify_images: bool = True  # without the cache: decode every image before training
+    decode_threads: int = 0  # threads for the pre-flight decode and the cache build (0 = CPU count)
+
+    # --- interpretation and localisation ----------------------------------------------------
+    localisation_threshold: float = 0.5  # evidence map -> box: share of the min-max normalised map
+    gradcam_layer: str = "backbone"  # Grad-CAM target layer: backbone (last conv block) | add_on
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -119,7 +148,7 @@ PRESETS: dict[str, dict] = {
     # The built-in proving ground: small enough to train, push and test on a 2-core CPU in minutes.
     # The schedule keeps the paper's shape (warm-up -> paired -> push + last layer, twice).
     "synthetic": dict(
-        preset="synthetic", dataset="synthetic", backbone="resnet18", pretrained=False,
+        preset="synthetic", dataset="synthetic", backbone="tiny", pretrained=False, num_workers=1,
         image_size=128, prototype_dim=64, prototypes_per_class=8,
         synthetic_train_size=1600, synthetic_val_size=400, synthetic_test_size=800,
         epochs=12, warmup_epochs=5, push_epochs=(9, 11), last_layer_epochs=2,
@@ -166,6 +195,27 @@ _HELP = {
     "cross_image": "ablation switch for the cross-image co-attention term L_cross",
     "interpretation_alignment": "ablation switch for the interpretation-level alignment L_inte",
     "prediction_alignment": "ablation switch for the prediction-level alignment L_pred",
+    "amp": "mixed precision: off, bf16 or fp16 (fp16 uses a gradient scaler); distances stay float32",
+    "channels_last": "channels-last memory format for the convolutions (faster with AMP on recent GPUs)",
+    "compile": "torch.compile the network",
+    "sync_batchnorm": "synchronise BatchNorm statistics across GPUs under torchrun",
+    # real datasets (utils/sources.py)
+    "train_csv": "csv: training list (a CSV with an image-path column and labels); odir: training annotation file",
+    "val_csv": "csv/odir: validation list (default: a patient-disjoint --val-fraction of the training list)",
+    "test_csv": "csv: test list; odir: on-site test annotation file (default: found under --data-root)",
+    "image_root": "csv: folder the image paths are relative to (default --data-root, else the CSV's folder)",
+    "image_column": "csv: column holding the image path (default: the first column)",
+    "label_column": "csv: one column of '|'-separated labels, e.g. 'Finding Labels' (default: one 0/1 column per class)",
+    "patient_column": "csv: patient id column, for patient-disjoint validation splits (default: 'Patient ID' etc. if present)",
+    "classes": "csv: disease names in this order (default: the 0/1 columns of the header, or the labels found); No Finding is derived",
+    "uncertain_label": "csv: meaning of a -1 label (CheXpert's 'uncertain'): error | zero | one",
+    "boxes": "csv: ground-truth boxes in the NIH BBox_List_2017.csv format, in image-file pixels",
+    "split_seed": "seed of the patient-disjoint validation split (independent of --seed)",
+    "odir_test_sets": "odir: test annotation sets, first is the test split, the rest are reported as extra tests",
+    "cache": "decode and resize every image once into a memory-mapped cache, reused across runs",
+    "cache_dir": "cache folder (default <data-root>/.cipl-cache, or ~/.cache/cipl)",
+    "verify_images": "without the cache: decode every listed image before training (pre-flight check)",
+    "decode_threads": "threads for the pre-flight decode and the cache build (0 = CPU count)",
 }
 
 
@@ -211,4 +261,6 @@ def load_config(path: str | Path) -> Config:
 
 # Fields that may change when a run is resumed: they affect where and how fast it runs, not what
 # it computes.
-RUNTIME_FIELDS = frozenset({"device", "num_workers", "max_stages", "out_dir", "data_root", "eval_batch_size"})
+RUNTIME_FIELDS = frozenset({
+    "device", "num_workers", "max_stages", "out_dir", "data_root", "eval_batch_size", "amp", "channels_last", "compile",
+})

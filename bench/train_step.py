@@ -69,7 +69,7 @@ def step_time_ratio(args, device: torch.device) -> dict:
     targets[:, -1] = (targets[:, :-1].sum(1) == 0).float()
 
     def cipl_step():
-        terms = paired_terms(cipl, teacher, images, images_prime, targets, config)
+        terms = paired_terms(cipl, teacher, images, images_prime, targets, config, cipl.prototype_class)
         loss = losses.combine_losses(terms, weights)
         cipl_optimizer.zero_grad(set_to_none=True)
         loss.backward()

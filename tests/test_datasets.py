@@ -44,8 +44,9 @@ def test_pairs_share_a_class_and_draws_are_reproducible():
     sampler.set_epoch(3)
     pairs = list(sampler)
     assert len(pairs) == 500
-    for anchor, partner in pairs:
+    for anchor, partner, _seed in pairs:
         assert (targets[anchor] * targets[partner]).sum() >= 1, "partner must share a positive class"
+    assert len({seed for _, _, seed in pairs}) == 500, "every sample gets its own augmentation seed"
     again = ClassBalancedSampler(targets, 500, cap=50, no_finding_multiplier=3, paired=True, seed=7)
     again.set_epoch(3)
     assert list(again) == pairs
@@ -59,7 +60,7 @@ def test_balanced_sampler_raises_rare_class_frequency():
     targets[20:300, 1] = 1
     targets[300:, 2] = 1  # No Finding
     sampler = ClassBalancedSampler(targets, 20000, cap=1000, no_finding_multiplier=1, paired=False, seed=0)
-    drawn = targets[list(sampler)].mean(0)
+    drawn = targets[[index for index, _seed in sampler]].mean(0)
     assert drawn[0] == pytest.approx(1 / 3, abs=0.03)  # equal class mass without a cap
     assert drawn[2] == pytest.approx(1 / 3, abs=0.03)
 
@@ -105,7 +106,7 @@ def test_paired_dataset_batches_unpack_anchors_then_partners():
     config = preset_config("synthetic", image_size=64)
     base = SyntheticChestXrays("train", 6, 64, seed=0)
     dataset = PairedTwoViewDataset(base, TwoViewTransform(config))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=[(0, 3), (1, 4)])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=[(0, 3, 11), (1, 4, 12)])
     views, views_prime, targets, indices = unpack_pairs(next(iter(loader)))
     assert views.shape == (4, 3, 64, 64) and views_prime.shape == (4, 3, 64, 64)
     assert indices.tolist() == [0, 1, 3, 4]
@@ -116,3 +117,15 @@ def test_single_view_transform_output():
     config = preset_config("synthetic", image_size=48)
     image = SyntheticChestXrays("val", 1, 48, seed=0).load_image(0)
     assert SingleViewTransform(config)(image).shape == (3, 48, 48)
+
+
+def test_augmentation_depends_on_the_sample_seed_not_on_the_loader():
+    config = preset_config("synthetic", image_size=48)
+    base = SyntheticChestXrays("train", 6, 48, seed=0)
+    dataset = PairedTwoViewDataset(base, TwoViewTransform(config))
+    items = [(0, 3, 101), (1, 4, 102), (2, 5, 103), (0, 3, 104)]
+    in_process = [dataset[item]["views"] for item in items]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=items, num_workers=2)
+    with_workers = torch.cat([batch["views"] for batch in loader])
+    torch.testing.assert_close(torch.stack(in_process), with_workers, rtol=0, atol=0)
+    assert not torch.equal(in_process[0], in_process[3])  # same pair, other seed: other views

@@ -99,7 +99,7 @@ def test_prototype_class_and_initial_last_layer():
     for c in range(4):
         for j in range(8):
             assert model.last_layer.weight[c, j].item() == (1.0 if j // 2 == c else 0.0)
-    assert 0 <= float(model.prototypes.min()) and float(model.prototypes.max()) < 1
+    assert 0 <= float(model.prototypes.detach().min()) and float(model.prototypes.detach().max()) < 1
 
 
 def test_constrain_last_layer_zeroes_off_class_and_clamps_own_class():

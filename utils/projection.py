@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from model import squared_distances
+from utils.distributed import all_gather_objects, broadcast_tensor, current_context, shard_indices
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,18 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(push_dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # Under torchrun each rank scans its own share and the shares' candidates are merged on every
+    # rank in rank order. The k nearest with ties to the lower image index are unique, so the
+    # selection is the same as one process scanning everything.
+    shard = shard_indices(len(push_dataset))
+    loader = DataLoader(Subset(push_dataset, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     k = model.num_prototypes
     candidates = scan_push_set(model, loader, device, k, progress)
+    if current_context().enabled:
+        shares = all_gather_objects(candidates)
+        candidates = empty_candidates(model.num_prototypes, k)
+        for share in shares:
+            candidates = merge_candidates(candidates, share, k)
     chosen, flat_location, distance, reused = select_nonrepetitive(candidates, len(push_dataset))
 
     pushed = np.flatnonzero(chosen >= 0)
@@ -145,6 +155,7 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
     model.prototype_source_index[pushed_index] = torch.as_tensor(chosen[pushed], device=model.prototypes.device)
     model.prototype_source_location[pushed_index] = torch.stack([rows, cols], dim=1).to(model.prototypes.device)
     model.prototype_source_distance[pushed_index] = torch.as_tensor(distance[pushed], dtype=torch.float32, device=model.prototypes.device)
+    broadcast_tensor(model.prototypes.data)  # bitwise identical on every rank
     model.train(was_training)
     logger.info("push: %d of %d prototypes grounded on %d distinct training images",
                 len(pushed), model.num_prototypes, len(unique_images))

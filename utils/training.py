@@ -7,13 +7,12 @@ over it and a resumed run simply starts further down the list.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import losses
@@ -21,7 +20,8 @@ from datasets import (
     ClassBalancedSampler, EvalTransform, PairedTwoViewDataset, SingleViewTransform, TransformedDataset,
     TwoViewTransform, unpack_pairs,
 )
-from model import CIPL, EmaTeacher, co_attention, disease_probabilities
+from model import CIPL, EmaTeacher, disease_probabilities
+from utils.distributed import all_gather_objects, all_reduce_sum, current_context, shard_indices
 from utils.metrics import per_class_auc
 from utils.projection import push_prototypes
 
@@ -72,9 +72,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, context=None) -> torch.device:
+    """'auto' -> this process's GPU (its LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    local_rank = context.local_rank if context is not None else 0
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -90,25 +94,25 @@ def loss_weights(config) -> losses.LossWeights:
     )
 
 
-def prototype_terms(model: CIPL, output, targets, margin: float) -> dict:
+def prototype_terms(prototype_class, output, targets, margin: float) -> dict:
     """L_cls, L_clst and the separation hinge for one batch of single images."""
     return dict(
         classification=losses.classification_loss(output.logits, targets),
-        cluster=losses.cluster_loss(output.min_distances, targets, model.prototype_class),
-        separation=losses.separation_loss(output.min_distances, targets, model.prototype_class, margin),
+        cluster=losses.cluster_loss(output.min_distances, targets, prototype_class),
+        separation=losses.separation_loss(output.min_distances, targets, prototype_class, margin),
     )
 
 
-def paired_terms(model: CIPL, teacher: EmaTeacher | None, views, views_prime, targets, config) -> dict:
-    """All CIPL terms for a batch of 2B images: anchors [0:B], partners [B:2B] (METHOD.md)."""
-    output = model(views)
-    terms = prototype_terms(model, output, targets, config.separation_margin)
+def paired_terms(model, teacher: EmaTeacher | None, views, views_prime, targets, config, prototype_class) -> dict:
+    """All CIPL terms for a batch of 2B images: anchors [0:B], partners [B:2B] (METHOD.md).
+
+    ``model`` is the CIPL network or its DistributedDataParallel wrapper."""
+    output = model(views, co_attend=config.cross_image)
+    terms = prototype_terms(prototype_class, output, targets, config.separation_margin)
     if config.cross_image:
         half = views.shape[0] // 2
-        b_at_a, a_at_b = co_attention(output.features[:half], output.features[half:])
-        cross = model.classify_features(torch.cat([b_at_a, a_at_b]))
         terms["cross_image"] = losses.cross_image_loss(
-            cross.logits[:half], cross.logits[half:], targets[:half], targets[half:]
+            output.cross_logits[:half], output.cross_logits[half:], targets[:half], targets[half:]
         )
     if teacher is not None and config.uses_alignment:
         teacher_output = teacher(views_prime)
@@ -124,10 +128,24 @@ class Trainer:
 
     def __init__(self, config, model: CIPL, splits, device: torch.device, progress: bool = True):
         self.config = config
-        self.model = model.to(device)
+        self.context = current_context()
+        if config.sync_batchnorm and self.context.enabled:
+            if device.type != "cuda":
+                raise ValueError("--sync-batchnorm needs GPUs (NCCL); on CPUs leave it off")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
         self.splits = splits
         self.device = device
-        self.progress = progress
+        self.progress = progress and self.context.is_main
+        if config.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"--amp must be off, bf16 or fp16, not {config.amp!r}")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+        if config.batch_size % self.context.world_size:
+            raise ValueError(f"--batch-size {config.batch_size} is not divisible by the {self.context.world_size} processes")
+        self.local_batch_size = config.batch_size // self.context.world_size
+        self._networks: dict[str, torch.nn.Module] = {}
         self.teacher: EmaTeacher | None = None
         self.weights = loss_weights(config)
         self.joint_optimizer = torch.optim.Adam(
@@ -156,6 +174,7 @@ class Trainer:
             teacher=self.teacher.state_dict() if self.teacher is not None else None,
             optimizers=dict(joint=self.joint_optimizer.state_dict(), last_layer=self.last_layer_optimizer.state_dict()),
             schedulers=dict(joint=self.joint_scheduler.state_dict()),
+            grad_scaler=self.scaler.state_dict(),
             prototype_provenance=self.provenance,
             model_description=self.model.description(),
             class_names=self.model.class_names,
@@ -169,6 +188,8 @@ class Trainer:
         self.joint_optimizer.load_state_dict(state["optimizers"]["joint"])
         self.last_layer_optimizer.load_state_dict(state["optimizers"]["last_layer"])
         self.joint_scheduler.load_state_dict(state["schedulers"]["joint"])
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.provenance = state.get("prototype_provenance", [])
 
     def learning_rates(self) -> dict:
@@ -212,61 +233,92 @@ class Trainer:
             no_finding_multiplier=config.no_finding_weight_paired if paired else config.no_finding_weight_warmup,
             paired=paired,
             seed=config.seed,
-            **self.shard_arguments(),
+            rank=self.context.rank,
+            num_replicas=self.context.world_size,
         )
         sampler.set_epoch(stage_index)
         if paired:
             dataset = PairedTwoViewDataset(self.splits.train, TwoViewTransform(config))
-            batch_size = config.batch_size
+            batch_size = self.local_batch_size
         else:
             dataset = TransformedDataset(self.splits.train, SingleViewTransform(config))
-            batch_size = 2 * config.batch_size  # as many images per step as a paired step
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + stage_index)
+            batch_size = 2 * self.local_batch_size  # as many images per step as a paired step
+        # Worker seeds differ per rank, so ranks augment differently; each is still reproducible.
+        generator = torch.Generator().manual_seed((config.seed * 1_000_003 + stage_index) * 1009 + self.context.rank)
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=config.num_workers,
             drop_last=len(sampler) >= batch_size, generator=generator,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
 
-    def shard_arguments(self) -> dict:
-        return {}
+    def network(self, kind: str) -> torch.nn.Module:
+        """What the training step calls: the model, wrapped in DistributedDataParallel under torchrun
+        and compiled with --compile. One wrapper per set of trainable parameters, because DDP fixes
+        that set when it is built."""
+        key = "last_layer" if kind == "last_layer" else "joint"
+        if key not in self._networks:
+            network: torch.nn.Module = self.model
+            if self.context.enabled:
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                network = torch.nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
+            if self.config.compile:
+                network = torch.compile(network)
+            self._networks[key] = network
+        return self._networks[key]
 
     def train_epoch(self, stage: Stage, stage_index: int) -> dict:
         self._set_trainable(stage.kind)
+        network = self.network(stage.kind)
         optimizer = self.last_layer_optimizer if stage.kind == "last_layer" else self.joint_optimizer
         loader = self._loader(stage, stage_index)
-        totals = {name: 0.0 for name in LOSS_TERMS + ("loss",)}
-        counts = {name: 0 for name in totals}
+        prototype_class = self.model.prototype_class
+        totals = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
+        counts = torch.zeros_like(totals)
         bar = tqdm(loader, desc=stage.name, leave=False, disable=not self.progress)
         for step, batch in enumerate(bar):
-            if stage.kind == "warmup":
-                images = batch["image"].to(self.device, non_blocking=True)
-                targets = batch["target"].to(self.device, non_blocking=True)
-                terms = prototype_terms(self.model, self.model(images), targets, self.config.separation_margin)
-            else:
-                views, views_prime, targets, _ = (t.to(self.device, non_blocking=True) for t in unpack_pairs(batch))
-                terms = paired_terms(self.model, self.teacher, views, views_prime, targets, self.config)
-            loss = losses.combine_losses(terms, self.weights)
-            values = {name: float(value.detach()) for name, value in terms.items()}
-            values["loss"] = float(loss.detach())
-            bad = {name: value for name, value in values.items() if not math.isfinite(value)}
-            if bad:
-                raise TrainingDiverged(
-                    f"non-finite loss in stage {stage.kind}, epoch {stage.epoch}, step {step}: "
-                    + ", ".join(f"{name}={value}" for name, value in bad.items())
-                )
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                if stage.kind == "warmup":
+                    images = self._to_device(batch["image"])
+                    targets = batch["target"].to(self.device, non_blocking=True)
+                    terms = prototype_terms(prototype_class, network(images), targets, self.config.separation_margin)
+                else:
+                    views, views_prime, targets, _ = unpack_pairs(batch)
+                    views, views_prime = self._to_device(views), self._to_device(views_prime)
+                    targets = targets.to(self.device, non_blocking=True)
+                    terms = paired_terms(network, self.teacher, views, views_prime, targets, self.config, prototype_class)
+                loss = losses.combine_losses(terms, self.weights)
+            values = torch.stack([terms[name].detach().double().cpu() if name in terms else torch.zeros((), dtype=torch.float64)
+                                  for name in LOSS_TERMS] + [loss.detach().double().cpu()])
+            present = torch.tensor([name in terms for name in LOSS_TERMS] + [True], dtype=torch.float64)
+            self._check_finite(values, present, stage, step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
             if stage.kind == "last_layer":
                 self.model.constrain_last_layer()
             if self.teacher is not None and stage.kind != "warmup":
                 self.teacher.update(self.model)
-            for name, value in values.items():
-                totals[name] += value
-                counts[name] += 1
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
-        return {name: totals[name] / counts[name] for name in totals if counts[name]}
+            totals += values * present
+            counts += present
+            bar.set_postfix(loss=f"{float(values[-1]):.4f}")
+        # Average over all ranks' steps, so the logged losses describe the whole epoch.
+        summed = all_reduce_sum(torch.cat([totals, counts]).to(self.device)).cpu()
+        totals, counts = summed[: len(totals)], summed[len(totals):]
+        names = LOSS_TERMS + ("loss",)
+        return {name: float(totals[i] / counts[i]) for i, name in enumerate(names) if counts[i] > 0}
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def _check_finite(self, values: torch.Tensor, present: torch.Tensor, stage: Stage, step: int) -> None:
+        """Stop on a NaN/inf loss on any rank (summed across ranks so every rank stops together)."""
+        local_bad = (~torch.isfinite(values)) & (present > 0)
+        any_bad = all_reduce_sum(local_bad.double().to(self.device)).cpu() > 0
+        if any_bad.any():
+            names = LOSS_TERMS + ("loss",)
+            bad = [f"{names[i]}={float(values[i])}" for i in range(len(names)) if any_bad[i]]
+            raise TrainingDiverged(f"non-finite loss in stage {stage.kind}, epoch {stage.epoch}, step {step}: " + ", ".join(bad))
 
     def push(self) -> None:
         dataset = TransformedDataset(self.splits.train, self.eval_transform)
@@ -280,7 +332,7 @@ class Trainer:
     def predict(self, dataset) -> tuple[np.ndarray, np.ndarray]:
         """Disease probabilities [N, C] and disease targets [N, C] for a base dataset."""
         return predict(self.model, dataset, self.device, self.config.image_size, self.config.eval_batch_size,
-                       self.config.num_workers, self.progress)
+                       self.config.num_workers, self.progress, self.amp_dtype)
 
     def evaluate(self, dataset) -> dict:
         probabilities, targets = self.predict(dataset)
@@ -288,15 +340,28 @@ class Trainer:
 
 
 @torch.no_grad()
-def predict(model: CIPL, dataset, device, image_size: int, batch_size: int, num_workers: int = 0, progress: bool = True):
+def predict(model: CIPL, dataset, device, image_size: int, batch_size: int, num_workers: int = 0,
+            progress: bool = True, amp_dtype: torch.dtype | None = None):
+    """Disease probabilities [N, C] (in dataset order) and disease targets [N, C].
+
+    Under torchrun every rank predicts its own share of the images and the shares are gathered, so
+    every rank returns the full, identical arrays."""
     was_training = model.training
     model.eval()
+    indices = shard_indices(len(dataset))
     loader = DataLoader(
-        TransformedDataset(dataset, EvalTransform(image_size)),
+        Subset(TransformedDataset(dataset, EvalTransform(image_size)), indices),
         batch_size=batch_size, shuffle=False, num_workers=num_workers,
     )
-    probabilities = []
+    probabilities = [torch.zeros(0, dataset.num_classes - 1)]
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
-        probabilities.append(disease_probabilities(model(batch["image"].to(device)).logits).float().cpu())
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch["image"].to(device)).logits
+        probabilities.append(disease_probabilities(logits.float()).cpu())
     model.train(was_training)
-    return torch.cat(probabilities).numpy(), dataset.targets[:, :-1]
+    local = torch.cat(probabilities)
+    gathered = all_gather_objects((indices, local))
+    result = torch.zeros(len(dataset), dataset.num_classes - 1)
+    for shard, values in gathered:
+        result[shard] = values
+    return result.numpy(), dataset.targets[:, :-1]

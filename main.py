@@ -27,7 +27,11 @@ from utils.checkpoint import (
     CheckpointError, atomic_write_json, check_compatible, load_checkpoint, restore_rng_state, rng_state,
     save_checkpoint,
 )
-from utils.metrics import json_safe
+from utils.distributed import barrier, broadcast_object, current_context, destroy, init_distributed_mode, local_only
+from utils.localisation import localisation_report
+from utils.metrics import json_safe, per_class_auc
+from utils.plots import write_report_plots
+from utils.sources import dataset_scores
 from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, resolve_device, seed_everything
 
 logger = logging.getLogger("cipl")
@@ -113,21 +117,28 @@ class MetricsLog:
 
 def train(config: Config, resume_state: dict | None = None, progress: bool = True) -> Path:
     """Run (or continue) the whole schedule; returns the run directory."""
-    if resume_state is not None:
-        run_dir = Path(resume_state["path"]).resolve().parent.parent
-    else:
-        run_dir = Path(config.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / "checkpoints" / "last.pt").exists():
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+    context = current_context()
+    run_dir, problem = None, None
+    if context.is_main:  # rank 0 names the run directory; the other ranks take its word
+        if resume_state is not None:
+            run_dir = Path(resume_state["path"]).resolve().parent.parent
+        else:
+            run_dir = Path(config.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if (run_dir / "checkpoints" / "last.pt").exists():
+                problem = f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir"
+    run_dir, problem = broadcast_object((run_dir, problem))
+    if problem:
+        raise ValueError(problem)
     config.out_dir = str(run_dir)
     seed_everything(config.seed)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, context)
     splits = build_datasets(config)  # before creating the run directory: bad data leaves nothing behind
-    model = build_model(config)
+    model = build_model(config, load_pretrained=resume_state is None)
 
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "log.txt")
-    atomic_write_json(run_dir / "config.json", config.to_dict())
+    if context.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir / "log.txt")
+        atomic_write_json(run_dir / "config.json", config.to_dict())
     logger.info("run directory %s; device %s; %d train / %d val / %d test images; %d classes; %d prototypes",
                 run_dir, device, len(splits.train), len(splits.val), len(splits.test), model.num_classes, model.num_prototypes)
 
@@ -140,9 +151,10 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
         restore_rng_state(resume_state["rng"])
         start, best = resume_state["next_stage"], resume_state["best"]
         logger.info("resuming at stage %d of %d", start, len(schedule))
-    metrics = MetricsLog(run_dir / "metrics.csv", keep_below=start)
+    metrics = MetricsLog(run_dir / "metrics.csv", keep_below=start) if context.is_main else None
     pushes_scheduled = any(stage.kind == "push" for stage in schedule)
 
+    best_model = None
     stop = len(schedule) if not config.max_stages else min(len(schedule), start + config.max_stages)
     for stage_index in range(start, stop):
         stage = schedule[stage_index]
@@ -151,7 +163,8 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
         validation = trainer.evaluate(splits.val)
         row = dict(stage_index=stage_index, stage=stage.kind, epoch=stage.epoch, val_mean_auc=validation["mean_auc"],
                    **terms, **trainer.learning_rates(), seconds=round(time.perf_counter() - began, 2))
-        metrics.append(row)
+        if metrics is not None:
+            metrics.append(row)
         logger.info("%s: loss %s, val mean AUC %.4f", stage.name,
                     f"{terms['loss']:.4f}" if "loss" in terms else "-", validation["mean_auc"])
 
@@ -160,32 +173,51 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
         eligible = model.is_pushed or not (config.select_pushed_only and pushes_scheduled)
         if eligible and validation["mean_auc"] > best["val_mean_auc"]:
             best = dict(val_mean_auc=validation["mean_auc"], stage_index=stage_index, stage=stage.name)
-            save_checkpoint(run_dir / "checkpoints" / "best.pt", dict(state, best=best))
+            best_model = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+            if context.is_main:
+                save_checkpoint(run_dir / "checkpoints" / "best.pt", dict(state, best=best))
             logger.info("new best model (val mean AUC %.4f)", validation["mean_auc"])
-        save_checkpoint(run_dir / "checkpoints" / "last.pt", dict(state, best=best))
+        if context.is_main:
+            save_checkpoint(run_dir / "checkpoints" / "last.pt", dict(state, best=best))
+        barrier()
 
     if stop < len(schedule):
         logger.info("stopped after %d of %d stages (--max-stages); continue with --resume %s", stop, len(schedule), run_dir)
         return run_dir
-    final_report(trainer, splits, run_dir, best)
+    if best_model is None and best["stage_index"] is not None:  # resumed after the best was saved
+        best_model = broadcast_object(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"] if context.is_main else None)
+    final_report(trainer, splits, run_dir, best, best_model)
     return run_dir
 
 
-def final_report(trainer: Trainer, splits, run_dir: Path, best: dict) -> dict:
-    best_path = run_dir / "checkpoints" / "best.pt"
-    if best_path.exists():
-        trainer.model.load_state_dict(load_checkpoint(best_path)["model"])
+def evaluate_splits(trainer: Trainer, splits) -> dict:
+    """AUCs (and the dataset's own scores, e.g. ODIR's) on val, test and any extra test sets."""
+    results = {}
+    for name, dataset in [("val", splits.val), ("test", splits.test), *(splits.extra_tests or {}).items()]:
+        probabilities, targets = trainer.predict(dataset)
+        results[name] = per_class_auc(targets, probabilities, dataset.disease_names)
+        results[name].update(dataset_scores(trainer.config, name, targets, probabilities))
+    return results
+
+
+def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model: dict | None) -> dict:
+    if best_model is not None:
+        trainer.model.load_state_dict(best_model)
     else:
         logger.warning("no checkpoint was eligible as best; reporting the last model")
-    results = dict(
-        val=trainer.evaluate(splits.val),
-        test=trainer.evaluate(splits.test),
-        best=best,
-    )
-    atomic_write_json(run_dir / "results.json", json_safe(results))
-    logger.info("best model (%s): val mean AUC %.4f, test mean AUC %.4f",
-                best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
-    logger.info("wrote %s", run_dir / "results.json")
+    results = evaluate_splits(trainer, splits)
+    results["best"] = best
+    if not current_context().is_main:
+        return results
+    with local_only():  # localisation and figures: rank 0 alone, no collectives
+        localisation = localisation_report(trainer.model, splits.test, trainer.config, trainer.device, trainer.progress)
+        if localisation is not None:
+            results["localisation"] = localisation
+        atomic_write_json(run_dir / "results.json", json_safe(results))
+        logger.info("best model (%s): val mean AUC %.4f, test mean AUC %.4f",
+                    best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
+        logger.info("wrote %s", run_dir / "results.json")
+        write_report_plots(trainer, splits.test, run_dir, run_dir / "metrics.csv")
     return results
 
 
@@ -194,22 +226,30 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
     config = config_for_resume(state, args)
     run_dir = Path(config_overrides(args).get("out_dir") or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     splits = build_datasets(config)
-    model = build_model(config)
+    model = build_model(config, load_pretrained=False)
     check_compatible(state, model)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir / "log.txt")
     trainer = Trainer(config, model, splits, resolve_device(config.device), progress=progress)
     trainer.model.load_state_dict(state["model"])
-    results = dict(val=trainer.evaluate(splits.val), test=trainer.evaluate(splits.test), checkpoint=str(Path(checkpoint).resolve()))
+    results = evaluate_splits(trainer, splits)
+    results["checkpoint"] = str(Path(checkpoint).resolve())
+    localisation = localisation_report(trainer.model, splits.test, config, trainer.device, progress)
+    if localisation is not None:
+        results["localisation"] = localisation
     atomic_write_json(run_dir / "results.json", json_safe(results))
     logger.info("val mean AUC %.4f, test mean AUC %.4f; wrote %s",
                 results["val"]["mean_auc"], results["test"]["mean_auc"], run_dir / "results.json")
+    write_report_plots(trainer, splits.test, run_dir, Path(state["path"]).resolve().parent.parent / "metrics.csv")
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    context = init_distributed_mode(config_overrides(args).get("device", "auto"))
     setup_logging()
+    if not context.is_main:  # under torchrun only rank 0 reports progress
+        logging.getLogger().setLevel(logging.WARNING)
     progress = not args.no_progress
     torch.set_float32_matmul_precision("high")
     try:
@@ -223,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train(resolve_config(args), progress=progress)
     except USER_ERRORS as error:
-        logger.error("%s", error)
+        # One line: an error raised in a DataLoader worker arrives with the worker's traceback.
+        logger.error("%s", str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
         return 2 if not isinstance(error, TrainingDiverged) else 3
+    finally:
+        destroy()
     return 0
 
 

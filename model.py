@@ -278,7 +278,9 @@ def disease_probabilities(logits: Tensor) -> Tensor:
     return torch.sigmoid(logits[:, :-1] - logits[:, -1:])
 
 
-def build_model(config) -> CIPL:
+def build_model(config, load_pretrained: bool = True) -> CIPL:
+    """The network a config describes. ``load_pretrained=False`` when a checkpoint's weights will be
+    loaded into it anyway (resume, evaluation): no ImageNet download, so it works offline."""
     from datasets import class_names_for  # local import: datasets imports torchvision transforms
 
     return CIPL(
@@ -286,8 +288,8 @@ def build_model(config) -> CIPL:
         backbone=config.backbone,
         prototype_dim=config.prototype_dim,
         prototypes_per_class=config.prototypes_per_class,
-        pretrained=config.pretrained,
-        pretrained_path=config.pretrained_path,
+        pretrained=config.pretrained and load_pretrained,
+        pretrained_path=config.pretrained_path if load_pretrained else "",
     )
 
 

@@ -151,8 +151,9 @@ PRESETS: dict[str, dict] = {
         preset="synthetic", dataset="synthetic", backbone="tiny", pretrained=False, num_workers=1,
         image_size=128, prototype_dim=64, prototypes_per_class=8,
         synthetic_train_size=1600, synthetic_val_size=400, synthetic_test_size=800,
-        epochs=12, warmup_epochs=5, push_epochs=(9, 11), last_layer_epochs=2,
+        epochs=12, warmup_epochs=5, push_epochs=(9, 11), last_layer_epochs=2, samples_per_epoch=1200,
         batch_size=16, lr_milestones=(8,), class_weight_cap=10.0,
+        lr_backbone=1e-3,  # trained from scratch here, unlike the paper's ImageNet-initialised DenseNet
         affine_degrees=15.0, affine_translate=0.06, affine_scale_min=0.9, affine_scale_max=1.1,
         affine_shear=10.0, crop_scale_min=0.8, ema_decay=0.99,
     ),
@@ -263,4 +264,5 @@ def load_config(path: str | Path) -> Config:
 # it computes.
 RUNTIME_FIELDS = frozenset({
     "device", "num_workers", "max_stages", "out_dir", "data_root", "eval_batch_size", "amp", "channels_last", "compile",
+    "cache", "cache_dir", "verify_images", "decode_threads", "image_root", "localisation_threshold", "gradcam_layer",
 })

@@ -166,3 +166,19 @@ def test_ema_teacher_update_rule_and_buffers():
         torch.testing.assert_close(value, expected)
         assert not value.requires_grad
     assert torch.equal(teacher.module.backbone[1].running_mean, student.backbone[1].running_mean)
+
+
+def test_pretrained_download_failure_says_how_to_supply_weights(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from model import PretrainedWeightsUnavailable
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"--pretrained-path FILE") as error:
+        build_backbone("resnet18", pretrained=True)
+    assert "resnet18-" in str(error.value) and "\n" not in str(error.value)

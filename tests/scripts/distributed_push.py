@@ -25,7 +25,7 @@ def main(checkpoint: str, out: str) -> None:
     init_distributed_mode("cpu")
     state = load_checkpoint(checkpoint)
     config = Config.from_dict(state["config"])
-    model = build_model(config)
+    model = build_model(config, load_pretrained=False)
     model.load_state_dict(state["model"])
     train = build_datasets(config).train
     provenance = push_prototypes(model, TransformedDataset(train, EvalTransform(config.image_size)), torch.device("cpu"),

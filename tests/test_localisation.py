@@ -1,0 +1,255 @@
+"""Localisation: map -> box, IoU / IoBB / pointing game on hand-made cases, evidence maps, Grad-CAM of the
+margin l_c - l_NF, the dataset evaluation, and results.json["localisation"] from main.py."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import main
+from conftest import tiny_config
+from datasets import MultiLabelDataset, build_datasets
+from model import CIPL, build_model
+from utils import localisation as loc
+from utils.checkpoint import save_checkpoint
+from utils.training import Trainer
+
+
+# -- map -> box ------------------------------------------------------------------------------------
+def two_blobs() -> np.ndarray:
+    heat = np.zeros((20, 30))
+    heat[2:6, 3:9] = 1.0  # rows 2-5, cols 3-8: holds the maximum
+    heat[6, 9] = 0.7  # touches the blob's corner diagonally: same 8-connected component
+    heat[10:16, 20:28] = 0.8  # a second, weaker blob
+    return heat
+
+
+def test_box_is_the_component_holding_the_maximum():
+    boxes, peaks = loc.maps_to_boxes(two_blobs()[None], 0.5)
+    assert boxes[0].tolist() == [3, 2, 7, 5]  # x 3..9, y 2..6 (diagonal neighbour included)
+    assert peaks[0].tolist() == [2, 3]
+    boxes, _ = loc.maps_to_boxes(two_blobs()[None], 0.75)  # the diagonal pixel (0.7) drops out
+    assert boxes[0].tolist() == [3, 2, 6, 4]
+
+
+def test_threshold_applies_to_the_min_max_normalised_map():
+    heat = 10.0 + 10.0 * two_blobs()  # same shape, other scale and offset
+    assert loc.maps_to_boxes(heat[None], 0.5)[0][0].tolist() == [3, 2, 7, 5]
+    # The weaker blob wins once it holds the maximum.
+    heat[12, 22] = 21.0  # normalised: blob A 10/11, blob B 8/11, this pixel 1
+    assert loc.maps_to_boxes(heat[None], 0.5)[0][0].tolist() == [20, 10, 8, 6]
+
+
+def test_flat_map_has_no_location():
+    boxes, peaks = loc.maps_to_boxes(np.full((2, 8, 10), 0.3), 0.5)
+    assert boxes.tolist() == [[0, 0, 10, 8]] * 2
+    assert (peaks == -1).all()
+    assert not loc.points_in_boxes(peaks, np.array([[0, 0, 10, 8]] * 2, dtype=float)).any()
+
+
+def test_high_activation_box_is_the_95th_percentile_component():
+    heat = np.arange(100, dtype=float).reshape(10, 10)  # 95th percentile 94.05: pixels 95..99
+    assert loc.high_activation_boxes(heat[None])[0].tolist() == [5, 9, 5, 1]
+
+
+def test_iou_iobb_and_pointing_on_known_boxes():
+    predicted = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [2, 2, 4, 4]], dtype=float)
+    truth = np.array([[5, 0, 10, 10], [20, 20, 5, 5], [0, 0, 10, 10]], dtype=float)
+    np.testing.assert_allclose(loc.box_iou(predicted, truth), [50 / 150, 0, 16 / 100])
+    np.testing.assert_allclose(loc.box_iobb(predicted, truth), [50 / 100, 0, 1.0])
+    peaks = np.array([[4, 9], [4, 10], [-1, -1]])  # (row, col): pixel centres (9.5, 4.5), (10.5, 4.5)
+    square = np.array([[0, 0, 10, 10]] * 3, dtype=float)
+    assert loc.points_in_boxes(peaks, square).tolist() == [True, False, False]
+
+
+def test_case_scores_take_the_best_of_several_boxes_and_summaries_average_classes():
+    predicted = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 4, 4]], dtype=float)
+    peaks = np.array([[1, 1], [1, 1], [1, 1], [1, 1]])
+    # Case 0 has two boxes (two nodules): one poor, one exact. Case 1 misses, case 2 is partial.
+    truth = np.array([[50, 50, 5, 5], [0, 0, 10, 10], [30, 30, 10, 10], [0, 0, 10, 5], [0, 0, 4, 4]], dtype=float)
+    case_of_truth = np.array([0, 0, 1, 2, 3])
+    scores = loc.score_cases(predicted, peaks, truth, case_of_truth)
+    np.testing.assert_allclose(scores.iou, [1.0, 0.0, 0.5, 1.0])
+    np.testing.assert_allclose(scores.iobb, [1.0, 0.0, 0.5, 1.0])
+    assert scores.hit.tolist() == [True, False, True, True]
+
+    summary = loc.summarise(scores, np.array([0, 0, 0, 1]), ["A", "B", "No Finding"])
+    a, b = summary["per_class"]["A"], summary["per_class"]["B"]
+    assert a["cases"] == 3 and b["cases"] == 1
+    assert a["iou_0.1"] == pytest.approx(2 / 3) and a["iou_0.5"] == pytest.approx(2 / 3) and a["iou_0.75"] == pytest.approx(1 / 3)
+    assert a["pointing"] == pytest.approx(2 / 3) and a["mean_iou"] == pytest.approx(0.5)
+    assert b["iou_0.75"] == 1.0
+    # Means are over classes, not cases.
+    assert summary["mean"]["iou_0.75"] == pytest.approx((1 / 3 + 1) / 2)
+    assert summary["mean"]["classes"] == 2 and summary["mean"]["cases"] == 4
+
+
+# -- maps from the model ---------------------------------------------------------------------------
+def test_class_evidence_is_the_max_over_that_class_prototypes():
+    torch.manual_seed(0)
+    similarity = torch.rand(2, 6, 3, 4)
+    prototype_class = torch.tensor([2, 0, 1, 0, 2, 2])  # deliberately not grouped
+    evidence = loc.class_evidence_maps(similarity, prototype_class, 3)
+    for c in range(3):
+        members = [j for j in range(6) if prototype_class[j] == c]
+        torch.testing.assert_close(evidence[:, c], similarity[:, members].max(dim=1).values)
+
+
+def tiny_model(seed=0) -> CIPL:
+    torch.manual_seed(seed)
+    model = CIPL(["A", "B", "C", "No Finding"], backbone="tiny", prototype_dim=8, prototypes_per_class=2)
+    for layer in model.add_on:  # spread the features so maps and gradients are not near-constant
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.normal_(layer.weight, std=1.0)
+    return model.eval()
+
+
+def test_cipl_maps_are_the_upsampled_evidence_of_the_requested_class():
+    model = tiny_model()
+    images = torch.randn(3, 3, 64, 64)
+    classes = torch.tensor([0, 2, 1])
+    maps = loc.cipl_maps(model, images, classes)
+    assert maps.shape == (3, 64, 64)
+    with torch.no_grad():
+        output = model(images)
+    for i, c in enumerate(classes.tolist()):
+        own = output.similarity_maps[i, model.prototype_class == c].max(dim=0).values
+        expected = torch.nn.functional.interpolate(own[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+        torch.testing.assert_close(maps[i], expected)
+
+
+def reference_gradcam(model, images, classes):
+    """Grad-CAM written out: gradient of l_c - l_NF at the backbone output, channel weights = spatial mean,
+    ReLU of the weighted sum, normalised and resized the way pytorch_grad_cam does."""
+    activations = model.backbone(images)
+    activations.retain_grad()
+    logits = model.classify_features(model.add_on(model.top_layer(activations))).logits
+    margin = logits[torch.arange(len(images)), classes] - logits[:, model.no_finding_index]
+    margin.sum().backward()
+    weights = activations.grad.mean(dim=(2, 3), keepdim=True)
+    cams = torch.relu((weights * activations).sum(dim=1)).detach().numpy()
+    result = []
+    for cam in cams:
+        cam = cam - cam.min()
+        cam = cv2.resize(np.float32(cam / (1e-7 + cam.max())), images.shape[-2:][::-1])
+        cam = cam - cam.min()
+        result.append(cam / (1e-7 + cam.max()))
+    return np.stack(result)
+
+
+def test_gradcam_explains_the_disease_margin_and_leaves_the_model_as_it_was():
+    model = tiny_model(1)
+    model.backbone.requires_grad_(False)  # as after a last-layer stage: Grad-CAM must still work
+    model.train()
+    images = torch.randn(2, 3, 64, 64)
+    classes = torch.tensor([1, 0])
+    maps = loc.gradcam_maps(model, images, classes).numpy()
+    assert model.training and not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.add_on.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+    expected = reference_gradcam(tiny_model(1).eval(), images, classes)
+    assert maps.shape == (2, 64, 64) and expected.max() > 0
+    np.testing.assert_allclose(maps, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="No Finding"):
+        loc.DiseaseMarginTarget(3, 3)
+
+
+# -- evaluation over a dataset ---------------------------------------------------------------------
+class BoxedImages(MultiLabelDataset):
+    """Two 100 x 200 (H x W) images with integer boxes, for exact answers."""
+
+    def __init__(self):
+        self.class_names = ["A", "B", "No Finding"]
+        self.image_ids = ["one", "two"]
+        self.targets = np.array([[1, 1, 0], [0, 1, 0]], dtype=np.float32)
+        self.boxes = {0: [(0, 40, 20, 80, 40), (1, 0, 0, 40, 20), (2, 0, 0, 8, 8)], 1: [(1, 100, 50, 40, 20)]}
+
+    def load_image(self, index):
+        return np.zeros((100, 200), np.uint8)
+
+
+def test_boxes_are_scaled_into_the_model_frame_and_an_oracle_scores_perfectly(monkeypatch):
+    dataset = BoxedImages()
+    cases = loc.boxed_cases(dataset, 50)  # x scale 50/200, y scale 50/100; No Finding box skipped
+    assert cases.image_index.tolist() == [0, 0, 1] and cases.class_index.tolist() == [0, 1, 1] and cases.skipped == 1
+    np.testing.assert_allclose(cases.truth, [[10, 10, 20, 20], [0, 0, 10, 10], [25, 25, 10, 10]])
+
+    truth_by_case = {i: cases.truth[cases.case_of_truth == i][0] for i in range(3)}
+    calls = []
+
+    def oracle(model, images, classes):
+        start = sum(len(c) for c in calls)
+        calls.append(classes.tolist())
+        maps = torch.zeros(len(images), 50, 50)
+        for row in range(len(images)):
+            x, y, w, h = truth_by_case[start + row].astype(int)
+            maps[row, y : y + h, x : x + w] = 1.0
+        return maps
+
+    monkeypatch.setattr(loc, "cipl_maps", oracle)
+    # One image per batch: the second batch's cases must line up with their own ground truth.
+    report = loc.evaluate_localisation(tiny_model(), dataset, "cpu", 50, batch_size=1, methods=("cipl",), progress=False)
+    assert calls == [[0, 1], [1]]
+    assert report["cases"] == 3 and report["boxed_images"] == 2
+    mean = report["methods"]["cipl"]["mean"]
+    assert all(mean[key] == 1.0 for key in loc.SCORE_KEYS)
+    assert report["methods"]["cipl"]["per_class"]["B"]["cases"] == 2
+
+
+def test_evaluation_on_synthetic_boxes_covers_both_methods():
+    config = tiny_config()
+    test = build_datasets(config).test
+    model = build_model(config).eval()
+    report = loc.evaluate_localisation(model, test, "cpu", config.image_size, batch_size=16, progress=False)
+    expected_cases = sum(len({b[0] for b in boxes}) for boxes in test.boxes.values())
+    assert report["cases"] == expected_cases > 0
+    assert set(report["methods"]) == {"cipl", "gradcam"}
+    for result in report["methods"].values():
+        assert sum(entry["cases"] for entry in result["per_class"].values()) == expected_cases
+        for entry in list(result["per_class"].values()) + [result["mean"]]:
+            assert all(0.0 <= entry[key] <= 1.0 for key in loc.SCORE_KEYS)
+            # Accuracy can only fall as the bar rises.
+            assert entry["iou_0.1"] >= entry["iou_0.25"] >= entry["iou_0.5"] >= entry["iou_0.75"]
+    table = loc.format_table(report)
+    assert "Grad-CAM" in table and "CIPL" in table and "IoBB>=0.5" in table
+
+
+# -- main.py -------------------------------------------------------------------------------------
+def test_main_reports_localisation_and_plots(tmp_path, capsys):
+    config = tiny_config(tmp_path / "run")
+    splits = build_datasets(config)
+    model = build_model(config)
+    trainer = Trainer(config, model, splits, torch.device("cpu"), progress=False)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text(
+        "stage_index,stage,epoch,loss,classification,cluster,separation,val_mean_auc\n"
+        "0,warmup,0,1.0,0.7,0.2,0.1,0.55\n1,push,0,,,,,0.57\n2,last_layer,0,0.8,0.6,0.15,0.05,0.6\n"
+    )
+    results = main.final_report(trainer, splits, run_dir, best={}, best_model=None)
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert set(saved["localisation"]["methods"]) == {"cipl", "gradcam"}
+    assert saved["localisation"]["threshold"] == config.localisation_threshold
+    assert results["localisation"]["cases"] == saved["localisation"]["cases"] > 0
+    for name in ("roc.png", "training_curves.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --eval-only: the same section, and the table printed from results.json.
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+    save_checkpoint(checkpoint, dict(trainer.state_dict(), config=config.to_dict()))
+    args = main.get_args_parser().parse_args(["--eval-only", "--checkpoint", str(checkpoint),
+                                              "--out-dir", str(tmp_path / "eval"), "--no-progress"])
+    eval_dir = main.evaluate_checkpoint(str(checkpoint), args, progress=False)
+    evaluated = json.loads((eval_dir / "results.json").read_text())
+    assert evaluated["localisation"]["methods"]["cipl"]["mean"] == saved["localisation"]["methods"]["cipl"]["mean"]
+    assert (eval_dir / "roc.png").is_file() and (eval_dir / "training_curves.png").is_file()
+
+    capsys.readouterr()
+    assert loc.main([str(run_dir / "results.json"), str(eval_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Grad-CAM") >= 2 and "mean" in printed
+    (tmp_path / "plain.json").write_text(json.dumps({"test": {}}))
+    assert loc.main([str(tmp_path / "plain.json")]) == 2
+    assert "no localisation results" in capsys.readouterr().err

@@ -1,0 +1,160 @@
+"""Push (utils/projection.py) against a slow reference, and push.py's outputs and refusals."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import push
+from conftest import tiny_config
+from datasets import EvalTransform, TransformedDataset, build_datasets
+from model import build_model
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.projection import push_prototypes
+
+
+def spread_model(config):
+    """A tiny untrained model whose features differ clearly between patches (an untrained add-on's
+    sigmoid sits near 0.5 everywhere, which would make every candidate a near-tie)."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    torch.nn.init.normal_(model.top_layer.weight, std=5.0)
+    for layer in model.add_on:
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.normal_(layer.weight, std=1.0)
+            torch.nn.init.normal_(layer.bias, std=0.5)
+    return model.eval()
+
+
+def write_checkpoint(path, config, model):
+    save_checkpoint(path, dict(model=model.state_dict(), config=config.to_dict(), class_names=model.class_names,
+                               prototype_provenance=[], model_description=model.description()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    config = tiny_config(image_size=96)  # 3 x 3 feature maps
+    return config, build_datasets(config)
+
+
+def reference_push(features: torch.Tensor, prototypes: torch.Tensor, targets: np.ndarray, prototype_class: list[int]):
+    """METHOD.md's rule written out: prototypes in index order, each takes the nearest (image, location)
+    among images of its class that no earlier prototype took. float64, explicit loops."""
+    features = features.double()
+    used, chosen = set(), []
+    for j, p in enumerate(prototypes.double()):
+        best = None
+        for image in range(features.shape[0]):
+            if targets[image, prototype_class[j]] <= 0 or image in used:
+                continue
+            distances = ((features[image] - p[:, None, None]) ** 2).sum(0)
+            value = float(distances.min())
+            if best is None or value < best[0]:
+                flat = int(distances.argmin())
+                best = (value, image, divmod(flat, distances.shape[1]))
+        used.add(best[1])
+        chosen.append(best)
+    return chosen
+
+
+def test_push_follows_the_nonrepetitive_rule_exactly(tiny_setup):
+    config, splits = tiny_setup
+    model = spread_model(config)
+    before = model.prototypes.detach().clone()
+    dataset = TransformedDataset(splits.train, EvalTransform(config.image_size))
+    with torch.no_grad():
+        features = model.extract_features(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
+    expected = reference_push(features, before, splits.train.targets, model.prototype_class.tolist())
+
+    records = push_prototypes(model, dataset, "cpu", batch_size=10, progress=False, image_ids=splits.train.image_ids)
+
+    images = model.prototype_source_index.tolist()
+    assert len(set(images)) == model.num_prototypes, "an image was used twice"
+    for j, (distance, image, (row, col)) in enumerate(expected):
+        assert images[j] == image
+        assert model.prototype_source_location[j].tolist() == [row, col]
+        assert splits.train.targets[image, model.prototype_class[j]] == 1, "pushed onto an image of another class"
+        # The prototype is now the feature vector at its recorded location ...
+        torch.testing.assert_close(model.prototypes[j].detach(), features[image, :, row, col], atol=1e-5, rtol=0)
+        # ... and the recorded distance is the minimum distance that chose it.
+        assert model.prototype_source_distance[j].item() == pytest.approx(distance, rel=1e-4, abs=1e-6)
+        assert records[j]["image_id"] == splits.train.image_ids[image] and records[j]["location"] == [row, col]
+
+
+def run_push(argv, capsys=None):
+    code = push.main(argv)
+    return code, (capsys.readouterr().err if capsys is not None else "")
+
+
+def test_push_script_writes_gallery_json_and_a_new_checkpoint(tmp_path, tiny_setup, capsys):
+    config, _ = tiny_setup
+    model = spread_model(config)
+    checkpoint = write_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", config, model)
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    code, _ = run_push(["--checkpoint", str(checkpoint), "--no-progress"])
+    assert code == 0
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest, "the input checkpoint was modified"
+    pushed = load_checkpoint(tmp_path / "run" / "checkpoints" / "best_pushed.pt")
+    assert (pushed["model"]["prototype_source_index"] >= 0).all()
+    out = tmp_path / "run" / "prototypes" / "best"
+    listing = json.loads((out / "prototypes.json").read_text())
+    entries = listing["prototypes"]
+    assert len(entries) == model.num_prototypes
+    cell = config.image_size / 3  # stride of the 3 x 3 feature map in image pixels
+    for entry, record in zip(entries, pushed["prototype_provenance"]):
+        assert entry["image_id"] == record["image_id"] and entry["location"] == record["location"]
+        assert entry["class_name"] == model.class_names[entry["class_index"]]
+        assert entry["distance"] == pytest.approx(record["distance"])
+        for name in entry["files"].values():
+            assert (out / name).stat().st_size > 0
+        # The high-activation box surrounds the feature cell the prototype was copied from.
+        row, col = entry["location"]
+        box = entry["box"]
+        assert box["x"] <= (col + 0.5) * cell <= box["x"] + box["w"]
+        assert box["y"] <= (row + 0.5) * cell <= box["y"] + box["h"]
+        assert 0 < box["w"] * box["h"] < config.image_size ** 2
+    galleries = sorted(p.name for p in (out / "gallery").iterdir())
+    assert galleries == sorted(f"{push.slug(name)}.png" for name in model.class_names)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
+
+    # --visualise-only renders what the pushed checkpoint holds and writes no checkpoint.
+    code, _ = run_push(["--checkpoint", str(tmp_path / "run" / "checkpoints" / "best_pushed.pt"), "--visualise-only",
+                        "--out", str(tmp_path / "view"), "--no-progress"])
+    assert code == 0
+    again = json.loads((tmp_path / "view" / "prototypes.json").read_text())["prototypes"]
+    assert [e["image_id"] for e in again] == [e["image_id"] for e in entries]
+    assert [e["box"] for e in again] == [e["box"] for e in entries]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "best_pushed.pt"]
+
+
+def test_push_script_refuses_bad_input_and_leaves_nothing(tmp_path, tiny_setup, capsys):
+    config, _ = tiny_setup
+    unpushed = write_checkpoint(tmp_path / "unpushed.pt", config, spread_model(config))
+    out = tmp_path / "out"
+
+    code, error = run_push(["--checkpoint", str(unpushed), "--visualise-only", "--out", str(out)], capsys)
+    assert code != 0 and "never pushed" in error and error.count("\n") == 1
+    assert not out.exists()
+
+    not_cipl = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, not_cipl)
+    code, error = run_push(["--checkpoint", str(not_cipl), "--out", str(out)], capsys)
+    assert code != 0 and "not a CIPL checkpoint" in error and error.count("\n") == 1
+
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    code, error = run_push(["--checkpoint", str(tmp_path / "garbage.pt"), "--out", str(out)], capsys)
+    assert code != 0 and "not a readable PyTorch checkpoint" in error
+
+    code, error = run_push(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(out)], capsys)
+    assert code != 0 and "does not exist" in error
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    code, error = run_push(["--checkpoint", str(unpushed), "--out", str(foreign)], capsys)
+    assert code != 0 and "non-empty folder" in error
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    assert not out.exists() and not (tmp_path / "unpushed_pushed.pt").exists()

@@ -1,0 +1,467 @@
+"""Weakly-supervised localisation (METHOD.md "Metrics"): evidence map -> box -> IoU, IoBB, pointing game.
+
+Two maps are compared on the same model, for the ground-truth class of every boxed test image:
+
+* ``cipl``: the class evidence map, max over that class's prototype similarity maps exp(-d/D);
+* ``gradcam``: Grad-CAM from the ``grad-cam`` package (pytorch_grad_cam) on the same network, with
+  the disease's logit margin l_c - l_NF as the target, since P(c) = sigmoid(l_c - l_NF) is what the
+  model reports.
+
+Map -> box: upsample to the model's input resolution, min-max normalise, keep pixels >= threshold,
+take the 8-connected component that holds the map's maximum and its bounding box. Ground-truth boxes
+(dataset ``boxes``, in the pixel frame of ``load_image``) are scaled into the same frame; IoU, IoBB
+(intersection / predicted-box area) and the pointing game do not change under that scaling except
+for pixel rounding. A map without variation (e.g. a Grad-CAM whose weighted activations are all <= 0,
+which its ReLU turns into zeros) points nowhere: its box is the whole image and the pointing game
+counts a miss.
+
+A *case* is one (image, disease) pair with at least one ground-truth box; where a disease has several
+boxes in one image (several nodules), the case scores its best box (and the pointing game hits if
+the peak falls in any of them). Accuracy at IoU >= T is the share of cases that reach T; a class's
+numbers average its cases, the reported ``mean`` averages the classes.
+
+    python -m utils.localisation RUN/results.json [OTHER_RUN/results.json ...]   # print the tables
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
+METHODS = ("cipl", "gradcam")
+METHOD_TITLES = {"cipl": "CIPL", "gradcam": "Grad-CAM"}
+GRADCAM_LAYERS = ("backbone", "add_on")
+SCORE_KEYS = (
+    [f"iou_{t}" for t in THRESHOLDS] + [f"iobb_{t}" for t in THRESHOLDS] + ["pointing", "mean_iou"]
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps -> boxes
+# ----------------------------------------------------------------------------------------------
+def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """[N, h, w] -> [N, H, W], bilinear (half-pixel centres, like cv2.resize); float64 stays float64."""
+    maps = maps if maps.dtype == torch.float64 else maps.float()
+    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def normalise_maps(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Min-max normalise each [H, W] map of [N, H, W]; returns (maps in [0, 1], flat [N] bool).
+
+    A flat map carries no location: it becomes all zeros and is reported as flat.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    low = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - low
+    flat = span[:, 0, 0] <= 1e-12 * np.maximum(1.0, np.abs(low[:, 0, 0]))
+    normalised = np.where(span > 0, (maps - low) / np.where(span > 0, span, 1.0), 0.0)
+    normalised[flat] = 0.0
+    return normalised, flat
+
+
+def maps_to_boxes(maps: np.ndarray, threshold: float | np.ndarray = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes around the high-evidence region of each map.
+
+    maps [N, H, W] (any scale; normalised here), threshold a fraction of the normalised range, scalar
+    or [N]. Returns boxes [N, 4] float (x, y, w, h) in pixels — pixel i covers [i, i + 1) — and peaks
+    [N, 2] (row, col) of each map's maximum (first in raster order). A flat map has no evidence: its box
+    is the whole map and its peak (-1, -1), which the pointing game counts as a miss.
+    """
+    normalised, flat = normalise_maps(maps)
+    count, height, width = normalised.shape
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (count,))
+    foreground = normalised >= thresholds[:, None, None]
+    flat_index = normalised.reshape(count, -1).argmax(axis=1)
+    peaks = np.stack([flat_index // width, flat_index % width], axis=1)
+    boxes = np.tile(np.array([0.0, 0.0, width, height]), (count, 1))
+    # Connected-component labelling is sequential within an image; cv2 does it in C, one call per map.
+    for index in np.flatnonzero(~flat):
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(foreground[index].astype(np.uint8), connectivity=8)
+        label = labels[peaks[index, 0], peaks[index, 1]]
+        boxes[index] = stats[label, :4]
+    peaks[flat] = -1
+    return boxes, peaks
+
+
+def high_activation_boxes(maps: np.ndarray, percentile: float = 95.0) -> np.ndarray:
+    """METHOD.md's prototype box: pixels at or above the map's ``percentile``, component holding the max."""
+    normalised, _ = normalise_maps(maps)
+    thresholds = np.percentile(normalised.reshape(len(normalised), -1), percentile, axis=1)
+    return maps_to_boxes(normalised, np.minimum(thresholds, 1.0))[0]
+
+
+def box_intersection(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Area shared by boxes [N, 4] and [N, 4] (x, y, w, h) -> [N]."""
+    x0 = np.maximum(first[:, 0], second[:, 0])
+    y0 = np.maximum(first[:, 1], second[:, 1])
+    x1 = np.minimum(first[:, 0] + first[:, 2], second[:, 0] + second[:, 2])
+    y1 = np.minimum(first[:, 1] + first[:, 3], second[:, 1] + second[:, 3])
+    return np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    return np.clip(boxes[:, 2], 0, None) * np.clip(boxes[:, 3], 0, None)
+
+
+def box_iou(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    intersection = box_intersection(predicted, truth)
+    union = box_area(predicted) + box_area(truth) - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def box_iobb(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Intersection over the *predicted* box's area (METHOD.md)."""
+    intersection = box_intersection(predicted, truth)
+    area = box_area(predicted)
+    return np.divide(intersection, area, out=np.zeros_like(intersection), where=area > 0)
+
+
+def points_in_boxes(peaks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Whether the centre of pixel (row, col) lies in box (x, y, w, h); peaks of -1 never do."""
+    x = peaks[:, 1] + 0.5
+    y = peaks[:, 0] + 0.5
+    inside = (x >= boxes[:, 0]) & (x < boxes[:, 0] + boxes[:, 2]) & (y >= boxes[:, 1]) & (y < boxes[:, 1] + boxes[:, 3])
+    return inside & (peaks[:, 0] >= 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class CaseScores:
+    """Per case: best IoU and best IoBB over its ground-truth boxes, and the pointing-game hit."""
+
+    iou: np.ndarray
+    iobb: np.ndarray
+    hit: np.ndarray
+
+
+def score_cases(predicted: np.ndarray, peaks: np.ndarray, truth: np.ndarray, case_of_truth: np.ndarray) -> CaseScores:
+    """predicted [N, 4] and peaks [N, 2] per case; truth [G, 4] boxes, each belonging to case
+    ``case_of_truth[g]`` (every case has at least one)."""
+    count = len(predicted)
+    pairs_predicted = predicted[case_of_truth]
+    iou = np.zeros(count)
+    iobb = np.zeros(count)
+    hit = np.zeros(count, dtype=bool)
+    np.maximum.at(iou, case_of_truth, box_iou(pairs_predicted, truth))
+    np.maximum.at(iobb, case_of_truth, box_iobb(pairs_predicted, truth))
+    np.logical_or.at(hit, case_of_truth, points_in_boxes(peaks[case_of_truth], truth))
+    return CaseScores(iou=iou, iobb=iobb, hit=hit)
+
+
+def summarise(scores: CaseScores, case_class: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy at each IoU / IoBB threshold, pointing-game hit rate and mean IoU, per class (classes
+    with cases only) and their unweighted mean over those classes."""
+    per_class = {}
+    for class_index in np.unique(case_class):
+        member = case_class == class_index
+        entry = dict(cases=int(member.sum()))
+        for t in THRESHOLDS:
+            entry[f"iou_{t}"] = float(np.mean(scores.iou[member] >= t))
+        for t in THRESHOLDS:
+            entry[f"iobb_{t}"] = float(np.mean(scores.iobb[member] >= t))
+        entry["pointing"] = float(np.mean(scores.hit[member]))
+        entry["mean_iou"] = float(np.mean(scores.iou[member]))
+        per_class[class_names[int(class_index)]] = entry
+    mean = {key: (float(np.mean([entry[key] for entry in per_class.values()])) if per_class else float("nan"))
+            for key in SCORE_KEYS}
+    mean["classes"] = len(per_class)
+    mean["cases"] = int(len(case_class))
+    return dict(per_class=per_class, mean=mean)
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps from the model
+# ----------------------------------------------------------------------------------------------
+def class_evidence_maps(similarity_maps: Tensor, prototype_class: Tensor, num_classes: int) -> Tensor:
+    """Max over each class's prototype similarity maps: [N, P, H, W] -> [N, K, H, W]."""
+    count, _, height, width = similarity_maps.shape
+    evidence = similarity_maps.new_full((count, num_classes, height, width), float("-inf"))
+    index = prototype_class.to(similarity_maps.device).view(1, -1, 1, 1).expand_as(similarity_maps)
+    return evidence.scatter_reduce_(1, index, similarity_maps, "amax")
+
+
+@torch.no_grad()
+def cipl_maps(model, images: Tensor, class_indices: Tensor) -> Tensor:
+    """Class evidence maps of ``class_indices[i]`` for ``images[i]``, at input resolution: [N, S, S]."""
+    output = model(images)
+    evidence = class_evidence_maps(output.similarity_maps, model.prototype_class, model.num_classes)
+    chosen = evidence[torch.arange(len(images), device=evidence.device), class_indices.to(evidence.device)]
+    return upsample_maps(chosen, images.shape[-2:])
+
+
+class DiseaseMarginTarget:
+    """Grad-CAM target for one image: l_c - l_NF, the margin that P(c) = sigmoid(l_c - l_NF) depends on."""
+
+    def __init__(self, class_index: int, no_finding_index: int):
+        if class_index == no_finding_index:
+            raise ValueError("the No Finding class is the reference of every disease margin, not a target")
+        self.class_index = class_index
+        self.no_finding_index = no_finding_index
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return logits[..., self.class_index] - logits[..., self.no_finding_index]
+
+
+class _Logits(nn.Module):
+    """The CIPL network as pytorch_grad_cam expects it: images in, logits [N, K] out.
+
+    The input is made to require gradients so the target layer's activations do even when the
+    parameters are frozen (after a last-layer stage only the last layer trains).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images.detach().requires_grad_(True)).logits
+
+
+def gradcam_layer(model, name: str = "backbone") -> nn.Module:
+    """``backbone``: the last convolutional block (standard Grad-CAM); ``add_on``: the feature map z."""
+    if name not in GRADCAM_LAYERS:
+        raise ValueError(f"unknown Grad-CAM layer {name!r}; choose one of {', '.join(GRADCAM_LAYERS)}")
+    return model.backbone if name == "backbone" else model.add_on
+
+
+def gradcam_maps(model, images: Tensor, class_indices: Tensor, layer: str = "backbone") -> Tensor:
+    """Grad-CAM (pytorch_grad_cam.GradCAM) of the margin l_c - l_NF for ``class_indices[i]`` on
+    ``images[i]``, one backward pass for the batch: [N, S, S] in [0, 1] (the package min-max
+    normalises and resizes to the input).
+
+    The model's parameters are frozen for the call (no .grad is left behind) and its train/eval mode
+    and requires_grad flags are restored afterwards.
+    """
+    from pytorch_grad_cam import GradCAM
+
+    was_training = model.training
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    model.requires_grad_(False)
+    cam = GradCAM(model=_Logits(model), target_layers=[gradcam_layer(model, layer)])
+    try:
+        targets = [DiseaseMarginTarget(int(c), model.no_finding_index) for c in class_indices.tolist()]
+        with torch.enable_grad():
+            maps = cam(input_tensor=images, targets=targets)
+    finally:
+        cam.activations_and_grads.release()
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+    return torch.from_numpy(np.asarray(maps, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation over a dataset's boxed images
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class BoxedCases:
+    """Cases of a dataset, ground truth scaled to the model's input frame (image_size x image_size)."""
+
+    image_index: np.ndarray  # [N]
+    class_index: np.ndarray  # [N]
+    truth: np.ndarray  # [G, 4]
+    case_of_truth: np.ndarray  # [G]
+    skipped: int = 0  # boxes of No Finding or of unknown classes
+
+    @staticmethod
+    def concatenate(parts: list["BoxedCases"]) -> "BoxedCases":
+        offsets = np.cumsum([0] + [len(part.image_index) for part in parts[:-1]])
+        return BoxedCases(
+            image_index=np.concatenate([part.image_index for part in parts]),
+            class_index=np.concatenate([part.class_index for part in parts]),
+            truth=np.concatenate([part.truth for part in parts]),
+            case_of_truth=np.concatenate([part.case_of_truth + offset for part, offset in zip(parts, offsets)]),
+            skipped=sum(part.skipped for part in parts),
+        )
+
+
+def boxed_cases(dataset, image_size: int, image_indices: list[int] | None = None,
+                shapes: list[tuple[int, int]] | None = None) -> BoxedCases:
+    """One case per (image, disease) with boxes, in image order; boxes of No Finding or of unknown
+    classes are skipped (and counted). ``shapes`` gives each image's (H, W) of ``load_image``; without
+    it each image is read to learn its size."""
+    num_diseases = len(dataset.class_names) - 1
+    indices = sorted(dataset.boxes) if image_indices is None else list(image_indices)
+    image_index, class_index, truth, case_of_truth = [], [], [], []
+    skipped = 0
+    for position, index in enumerate(indices):
+        height, width = shapes[position] if shapes is not None else dataset.load_image(index).shape[:2]
+        scale = np.array([image_size / width, image_size / height, image_size / width, image_size / height])
+        by_class: dict[int, list] = {}
+        for class_id, x, y, w, h in dataset.boxes.get(index, []):
+            if not 0 <= int(class_id) < num_diseases:
+                skipped += 1
+                continue
+            by_class.setdefault(int(class_id), []).append(np.array([x, y, w, h], dtype=np.float64) * scale)
+        for class_id in sorted(by_class):
+            for box in by_class[class_id]:
+                truth.append(box)
+                case_of_truth.append(len(image_index))
+            image_index.append(index)
+            class_index.append(class_id)
+    return BoxedCases(
+        image_index=np.asarray(image_index, dtype=np.int64),
+        class_index=np.asarray(class_index, dtype=np.int64),
+        truth=np.asarray(truth, dtype=np.float64).reshape(-1, 4),
+        case_of_truth=np.asarray(case_of_truth, dtype=np.int64),
+        skipped=skipped,
+    )
+
+
+def evaluate_localisation(model, dataset, device, image_size: int, threshold: float = 0.5, batch_size: int = 32,
+                          methods: tuple[str, ...] = METHODS, layer: str = "backbone", progress: bool = True) -> dict | None:
+    """Localisation scores of every method on the boxed images of ``dataset``; None if it has no boxes.
+
+    Works through the boxed images ``batch_size`` at a time, reading each once; every (image, disease)
+    case of a batch is one row of the model batch, so an image with two boxed diseases appears twice.
+    """
+    from datasets import EvalTransform  # local import: datasets imports torchvision transforms
+
+    if not getattr(dataset, "boxes", None):
+        return None
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown localisation method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"localisation threshold must be in (0, 1], got {threshold}")
+    gradcam_layer(model, layer)  # an unknown layer name fails before any work
+    transform = EvalTransform(image_size)
+    indices = sorted(dataset.boxes)
+    was_training = model.training
+    model.eval()
+    parts: list[BoxedCases] = []
+    boxes: dict[str, list] = {method: [] for method in methods}
+    peaks: dict[str, list] = {method: [] for method in methods}
+    starts = range(0, len(indices), batch_size)
+    try:
+        for start in tqdm(starts, desc="localisation", leave=False, disable=not progress):
+            chunk = indices[start : start + batch_size]
+            raw = [dataset.load_image(index) for index in chunk]
+            cases = boxed_cases(dataset, image_size, chunk, [image.shape[:2] for image in raw])
+            parts.append(cases)
+            if len(cases.image_index) == 0:
+                continue
+            slot = {index: position for position, index in enumerate(chunk)}
+            tensors = torch.stack([transform(image) for image in raw])
+            images = tensors[[slot[int(index)] for index in cases.image_index]].to(device)
+            classes = torch.as_tensor(cases.class_index, device=device)
+            for method in methods:
+                maps = cipl_maps(model, images, classes) if method == "cipl" else gradcam_maps(model, images, classes, layer)
+                method_boxes, method_peaks = maps_to_boxes(maps.float().cpu().numpy(), threshold)
+                boxes[method].append(method_boxes)
+                peaks[method].append(method_peaks)
+    finally:
+        model.train(was_training)
+    cases = BoxedCases.concatenate(parts)
+    if cases.skipped:
+        logger.warning("localisation: skipped %d boxes of No Finding or of classes the model does not have", cases.skipped)
+    if len(cases.image_index) == 0:
+        return None
+    report = dict(
+        threshold=threshold,
+        image_size=image_size,
+        gradcam_layer=layer,
+        boxed_images=int(len(np.unique(cases.image_index))),
+        cases=int(len(cases.image_index)),
+        methods={},
+    )
+    for method in methods:
+        scores = score_cases(np.concatenate(boxes[method]), np.concatenate(peaks[method]), cases.truth, cases.case_of_truth)
+        report["methods"][method] = summarise(scores, cases.class_index, dataset.class_names)
+    return report
+
+
+def localisation_report(model, dataset, config, device, progress: bool = True) -> dict | None:
+    """evaluate_localisation with the run's settings, logging the table; None (and nothing logged)
+    when the split has no boxes."""
+    report = evaluate_localisation(
+        model, dataset, device, config.image_size, threshold=config.localisation_threshold,
+        batch_size=config.eval_batch_size, layer=config.gradcam_layer, progress=progress,
+    )
+    if report is not None:
+        logger.info("weakly-supervised localisation:\n%s", format_table(report))
+    return report
+
+
+def format_table(report: dict, title: str = "") -> str:
+    """The localisation results as a fixed-width text table, one row per method and class plus means."""
+    headers = [f"IoU>={t}" for t in THRESHOLDS] + [f"IoBB>={t}" for t in THRESHOLDS] + ["point", "mIoU"]
+    names = sorted({name for result in report["methods"].values() for name in result["per_class"]})
+    name_width = max([len(name) for name in names] + [8])
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"threshold {report['threshold']}, {report['cases']} cases in {report['boxed_images']} boxed images")
+    header = f"{'method':<9} {'class':<{name_width}} {'n':>4} " + " ".join(f"{h:>9}" for h in headers)
+    lines += [header, "-" * len(header)]
+
+    def row(method: str, name: str, count, entry: dict) -> str:
+        values = " ".join(f"{_number(entry.get(key)):>9}" for key in SCORE_KEYS)
+        return f"{METHOD_TITLES.get(method, method):<9} {name:<{name_width}} {count:>4} {values}"
+
+    for method, result in report["methods"].items():
+        for name in names:
+            if name in result["per_class"]:
+                entry = result["per_class"][name]
+                lines.append(row(method, name, entry["cases"], entry))
+        lines.append(row(method, "mean", result["mean"].get("cases", ""), result["mean"]))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the localisation table of each results.json (or run directory) given."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.localisation",
+        description="Print the weakly-supervised localisation table(s) stored in results.json "
+                    "(main.py writes them when the test split has boxes). Give several runs to compare them.",
+    )
+    parser.add_argument("results", nargs="+", help="results.json files or run directories")
+    args = parser.parse_args(argv)
+    tables = []
+    for given in args.results:
+        path = Path(given)
+        if path.is_dir():
+            path = path / "results.json"
+        try:
+            results = json.loads(path.read_text())
+        except FileNotFoundError:
+            print(f"error: {path}: no such file", file=sys.stderr)
+            return 2
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            print(f"error: {path} is not a JSON results file ({error})", file=sys.stderr)
+            return 2
+        if not isinstance(results, dict) or not results.get("localisation"):
+            print(f"error: {path} holds no localisation results (the test split had no boxes, or the run "
+                  f"predates localisation: rerun main.py --eval-only)", file=sys.stderr)
+            return 2
+        tables.append(format_table(results["localisation"], title=f"== {path}"))
+    print("\n\n".join(tables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -259,6 +259,13 @@ class CIPL(nn.Module):
         return output
 
     @torch.no_grad()
+    def forget_provenance(self) -> None:
+        """Prototypes are about to be trained again: they will no longer be their source patches."""
+        self.prototype_source_index.fill_(-1)
+        self.prototype_source_location.fill_(-1)
+        self.prototype_source_distance.fill_(float("nan"))
+
+    @torch.no_grad()
     def constrain_last_layer(self) -> None:
         """Last-layer stage rule: off-class weights 0, own-class weights >= 0."""
         self.last_layer.weight.mul_(self.class_identity).clamp_(min=0)

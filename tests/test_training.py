@@ -172,3 +172,20 @@ def test_cli_builds_config_from_preset_and_flags():
     assert config.dataset == "nih" and config.backbone == "densenet121" and config.prototypes_per_class == 50
     assert config.epochs == 3 and config.push_epochs == (1, 2) and config.cross_image is False
     assert config.lr_backbone == 0.5 and config.interpretation_alignment is True
+
+
+def test_training_the_prototypes_after_a_push_drops_their_provenance(config_factory):
+    from datasets import build_datasets
+    from model import build_model
+    from utils.training import Trainer
+
+    config = config_factory()
+    trainer = Trainer(config, build_model(config), build_datasets(config), torch.device("cpu"), progress=False)
+    schedule = build_schedule(config)
+    after_first_round = schedule.index(Stage("paired", 3))
+    for index in range(after_first_round):
+        trainer.run_stage(schedule[index], index)
+    assert trainer.model.is_pushed and trainer.provenance
+    trainer.run_stage(schedule[after_first_round], after_first_round)
+    assert not trainer.model.is_pushed and trainer.provenance == []
+    assert (trainer.model.prototype_source_index == -1).all()

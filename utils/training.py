@@ -209,6 +209,11 @@ class Trainer:
         if stage.kind in ("paired", "last_layer") and self.teacher is None and self.config.uses_alignment:
             logger.info("creating the EMA teacher from the student")
             self.teacher = EmaTeacher(self.model, self.config.ema_decay).to(self.device)
+        if stage.kind in ("warmup", "paired") and self.provenance:
+            # Joint training moves the prototypes off their pushed patches: the model is no longer
+            # grounded (and not eligible as an interpretable best model) until the next push.
+            self.model.forget_provenance()
+            self.provenance = []
         result = self.train_epoch(stage, stage_index)
         if stage.kind in ("warmup", "paired"):
             self.joint_scheduler.step()

@@ -249,11 +249,15 @@ def prediction_alignment_loss(student_logits: Tensor, teacher_logits: Tensor) ->
         )
     num_images, num_classes = student_logits.shape
     num_diseases = num_classes - 1
-    student_q = _pairwise_probabilities(student_logits)
-    teacher_q = _pairwise_probabilities(teacher_logits.detach().to(student_logits.dtype))
-    student_gram = torch.einsum("icx,jcx->cij", student_q, student_q)
-    teacher_gram = torch.einsum("icx,jcx->cij", teacher_q, teacher_q)
-    return (student_gram - teacher_gram).pow(2).sum() / (num_diseases * num_images**2)
+    # Student-teacher Gram differences are far below half precision's resolution: stay in float32
+    # (or float64) even under autocast.
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student_q = _pairwise_probabilities(student_logits.to(dtype))
+        teacher_q = _pairwise_probabilities(teacher_logits.detach().to(dtype))
+        student_gram = torch.einsum("icx,jcx->cij", student_q, student_q)
+        teacher_gram = torch.einsum("icx,jcx->cij", teacher_q, teacher_q)
+        return (student_gram - teacher_gram).pow(2).sum() / (num_diseases * num_images**2)
 
 
 @dataclass

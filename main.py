@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import sys
 import time
@@ -24,10 +25,10 @@ from datasets import DataError, build_datasets
 from model import PretrainedWeightsUnavailable, build_model
 from settings import RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config
 from utils.checkpoint import (
-    CheckpointError, atomic_write_json, check_compatible, load_checkpoint, restore_rng_state, rng_state,
+    CheckpointError, atomic_write_json, atomic_write_text, check_compatible, load_checkpoint, restore_rng_state, rng_state,
     save_checkpoint,
 )
-from utils.distributed import barrier, broadcast_object, current_context, destroy, init_distributed_mode, local_only
+from utils.distributed import all_gather_objects, barrier, broadcast_object, current_context, destroy, init_distributed_mode, local_only
 from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
 from utils.plots import write_report_plots
@@ -86,6 +87,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def config_for_resume(state: dict, args: argparse.Namespace) -> Config:
+    missing = [key for key in ("config", "model", "next_stage", "rng", "best") if key not in state]
+    if missing:
+        raise CheckpointError(f"{state.get('path', 'checkpoint')} lacks {', '.join(missing)}: not a complete CIPL training checkpoint")
     config = Config.from_dict(state["config"])
     config.max_stages = 0  # a limit of the interrupted invocation, not of the run
     for name, value in config_overrides(args).items():
@@ -105,14 +109,34 @@ class MetricsLog:
         if path.exists() and keep_below is not None:
             with path.open(newline="") as stream:
                 rows = [row for row in csv.DictReader(stream) if int(row["stage_index"]) < keep_below]
-        with path.open("w", newline="") as stream:
-            writer = csv.DictWriter(stream, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, text.getvalue())  # an interrupted resume keeps the old history
 
     def append(self, row: dict) -> None:
         with self.path.open("a", newline="") as stream:
             csv.DictWriter(stream, METRIC_COLUMNS).writerow({key: row.get(key, "") for key in METRIC_COLUMNS})
+
+
+def build_datasets_once_per_node(config: Config, context):
+    """Under torchrun, local rank 0 reads the data and builds any image cache first; the other
+    ranks of the node then open the finished cache instead of building their own copies. An error
+    on any rank stops every rank with the same message."""
+    splits, problem = None, None
+    if context.local_rank == 0:
+        try:
+            splits = build_datasets(config)
+        except USER_ERRORS as error:
+            problem = str(error)
+    if context.enabled:
+        barrier()
+        problems = [p for p in all_gather_objects(problem) if p]
+        problem = problems[0] if problems else None
+    if problem:
+        raise DataError(problem)
+    return splits if splits is not None else build_datasets(config)
 
 
 def train(config: Config, resume_state: dict | None = None, progress: bool = True) -> Path:
@@ -132,7 +156,7 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
     config.out_dir = str(run_dir)
     seed_everything(config.seed)
     device = resolve_device(config.device, context)
-    splits = build_datasets(config)  # before creating the run directory: bad data leaves nothing behind
+    splits = build_datasets_once_per_node(config, context)  # before the run directory: bad data leaves nothing behind
     model = build_model(config, load_pretrained=resume_state is None)
 
     if context.is_main:
@@ -225,22 +249,27 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
     state = load_checkpoint(checkpoint)
     config = config_for_resume(state, args)
     run_dir = Path(config_overrides(args).get("out_dir") or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    splits = build_datasets(config)
+    context = current_context()
+    splits = build_datasets_once_per_node(config, context)
     model = build_model(config, load_pretrained=False)
     check_compatible(state, model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "log.txt")
-    trainer = Trainer(config, model, splits, resolve_device(config.device), progress=progress)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir / "log.txt")
+    trainer = Trainer(config, model, splits, resolve_device(config.device, context), progress=progress)
     trainer.model.load_state_dict(state["model"])
     results = evaluate_splits(trainer, splits)
     results["checkpoint"] = str(Path(checkpoint).resolve())
-    localisation = localisation_report(trainer.model, splits.test, config, trainer.device, progress)
-    if localisation is not None:
-        results["localisation"] = localisation
-    atomic_write_json(run_dir / "results.json", json_safe(results))
-    logger.info("val mean AUC %.4f, test mean AUC %.4f; wrote %s",
-                results["val"]["mean_auc"], results["test"]["mean_auc"], run_dir / "results.json")
-    write_report_plots(trainer, splits.test, run_dir, Path(state["path"]).resolve().parent.parent / "metrics.csv")
+    if not context.is_main:
+        return run_dir
+    with local_only():  # localisation and figures: rank 0 alone, no collectives
+        localisation = localisation_report(trainer.model, splits.test, config, trainer.device, progress)
+        if localisation is not None:
+            results["localisation"] = localisation
+        atomic_write_json(run_dir / "results.json", json_safe(results))
+        logger.info("val mean AUC %.4f, test mean AUC %.4f; wrote %s",
+                    results["val"]["mean_auc"], results["test"]["mean_auc"], run_dir / "results.json")
+        write_report_plots(trainer, splits.test, run_dir, Path(state["path"]).resolve().parent.parent / "metrics.csv")
     return run_dir
 
 
@@ -251,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     if not context.is_main:  # under torchrun only rank 0 reports progress
         logging.getLogger().setLevel(logging.WARNING)
     progress = not args.no_progress
-    torch.set_float32_matmul_precision("high")
     try:
         if args.eval_only:
             if not args.checkpoint:

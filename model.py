@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def build_backbone(name: str, pretrained: bool = False, pretrained_path: str = "
 
     network = getattr(torchvision.models, name)(weights=None)
     if pretrained_path:
-        state = _read_weights_file(pretrained_path)
+        state = _modern_key_names(_read_weights_file(pretrained_path))
         missing, unexpected = network.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
         if missing:
@@ -90,7 +91,7 @@ def build_backbone(name: str, pretrained: bool = False, pretrained_path: str = "
     elif pretrained:
         weights = _torchvision_weights(name)
         try:
-            network.load_state_dict(weights.get_state_dict(progress=True))
+            network.load_state_dict(_modern_key_names(weights.get_state_dict(progress=True)))
         except Exception as error:  # offline machines raise URLError, OSError, ...
             raise PretrainedWeightsUnavailable(
                 f"could not download ImageNet weights for {name} ({type(error).__name__}: {error}). "
@@ -109,6 +110,19 @@ def build_backbone(name: str, pretrained: bool = False, pretrained_path: str = "
         network.layer1, network.layer2, network.layer3, network.layer4,
     )
     return body, network.fc.in_features
+
+
+# torchvision's published DenseNet files use the old layer names "norm.1", "conv.2", ...; the
+# modules are now "norm1", "conv2", ....
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _modern_key_names(state: dict) -> dict:
+    renamed = {}
+    for key, value in state.items():
+        match = _OLD_DENSENET_KEY.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = value
+    return renamed
 
 
 def _read_weights_file(path: str) -> dict:
@@ -242,7 +256,10 @@ class CIPL(nn.Module):
         similarity_maps = torch.exp(-distances / self.prototype_dim)
         min_distances = distances.flatten(2).amin(dim=2)
         scores = torch.exp(-min_distances / self.prototype_dim)
-        logits = self.last_layer(scores)
+        # Logits are sums of M scores (~M); half precision's spacing there (0.25 for bf16 at 50)
+        # would erase the margins l_c - l_NF, so the last layer stays in float32 under autocast.
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            logits = F.linear(scores, self.last_layer.weight.to(scores.dtype))
         return CIPLOutput(logits=logits, min_distances=min_distances, similarity_maps=similarity_maps, features=features)
 
     def forward(self, images: Tensor, co_attend: bool = False) -> CIPLOutput:

@@ -252,8 +252,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The Config fields that were given on the command line."""
+    tuple_fields = {f.name for f in fields(Config) if _is_tuple_field(f)}
     names = {f.name for f in fields(Config)}
-    return {name: value for name, value in vars(args).items() if name in names}
+    return {name: tuple(value) if name in tuple_fields else value for name, value in vars(args).items() if name in names}
 
 
 def load_config(path: str | Path) -> Config:

@@ -583,3 +583,14 @@ def test_only_combine_losses_loops_and_only_over_term_names():
         has_loop = any(isinstance(node, loop_types) for node in ast.walk(function))
         # combine_losses walks the (at most six) named terms; nothing else may loop.
         assert has_loop == (function.name == "combine_losses"), function.name
+
+
+def test_prediction_alignment_is_computed_in_float32_under_autocast():
+    torch.manual_seed(0)
+    student = torch.randn(6, 4) * 3 + 40  # logits of the size M prototypes give (~M)
+    teacher = student + 1e-3 * torch.randn(6, 4)
+    exact = prediction_alignment_loss(student.double(), teacher.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = prediction_alignment_loss(student, teacher)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast.double(), exact, rtol=1e-3, atol=1e-9)

@@ -182,3 +182,28 @@ def test_pretrained_download_failure_says_how_to_supply_weights(monkeypatch):
     with pytest.raises(PretrainedWeightsUnavailable, match=r"--pretrained-path FILE") as error:
         build_backbone("resnet18", pretrained=True)
     assert "resnet18-" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_pretrained_path_accepts_torchvision_densenet_files_with_old_key_names(tmp_path):
+    import re
+
+    import torchvision
+
+    reference = torchvision.models.densenet121(weights=None)
+    # The published file spells "norm1" as "norm.1" (and so on), as torchvision's own loader expects.
+    old_style = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)", r"\1.\2", key): value
+                 for key, value in reference.state_dict().items()}
+    assert any(".norm.1." in key for key in old_style)
+    path = tmp_path / "densenet121.pth"
+    torch.save(old_style, path)
+    body, _ = build_backbone("densenet121", pretrained_path=str(path))
+    torch.testing.assert_close(body[0].weight, reference.features.conv0.weight)
+    torch.testing.assert_close(body[4].denselayer1.norm1.weight, reference.features.denseblock1.denselayer1.norm1.weight)
+
+
+def test_logits_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(torch.randn(2, 3, 64, 64))
+    assert output.logits.dtype == torch.float32 and output.min_distances.dtype == torch.float32

@@ -189,3 +189,16 @@ def test_training_the_prototypes_after_a_push_drops_their_provenance(config_fact
     trainer.run_stage(schedule[after_first_round], after_first_round)
     assert not trainer.model.is_pushed and trainer.provenance == []
     assert (trainer.model.prototype_source_index == -1).all()
+
+
+def test_schedule_rejects_push_epochs_outside_the_run(config_factory):
+    with pytest.raises(ValueError, match="outside the 4 epochs"):
+        build_schedule(config_factory(push_epochs=(2, 4)))
+
+
+def test_resume_accepts_unchanged_tuple_options(config_factory):
+    run_dir = main.train(config_factory(max_stages=1), progress=False)
+    state = load_checkpoint(run_dir)
+    args = main.get_args_parser().parse_args(["--push-epochs", "2", "3", "--max-stages", "1"])
+    config = main.config_for_resume(state, args)
+    assert config.push_epochs == (2, 3) and config.max_stages == 1

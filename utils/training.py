@@ -21,7 +21,7 @@ from datasets import (
     TwoViewTransform, unpack_pairs,
 )
 from model import CIPL, EmaTeacher, disease_probabilities
-from utils.distributed import all_gather_objects, all_reduce_sum, current_context, shard_indices
+from utils.distributed import all_gather_objects, all_reduce_sum, broadcast_tensor, current_context, shard_indices
 from utils.metrics import per_class_auc
 from utils.projection import push_prototypes
 
@@ -57,6 +57,11 @@ class Stage:
 def build_schedule(config) -> list[Stage]:
     """METHOD.md: warm-up epochs, then paired epochs; after each push epoch a push and
     ``last_layer_epochs`` last-layer-only epochs."""
+    outside = [epoch for epoch in config.push_epochs if not 0 <= epoch < config.epochs]
+    if outside:
+        raise ValueError(f"--push-epochs {outside} outside the {config.epochs} epochs (0..{config.epochs - 1})")
+    if config.warmup_epochs > config.epochs:
+        raise ValueError(f"--warmup-epochs {config.warmup_epochs} exceeds --epochs {config.epochs}")
     schedule: list[Stage] = []
     for epoch in range(config.epochs):
         schedule.append(Stage("warmup" if epoch < config.warmup_epochs else "paired", epoch))
@@ -77,9 +82,13 @@ def resolve_device(name: str, context=None) -> torch.device:
     local_rank = context.local_rank if context is not None else 0
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a device name ({error})") from error
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such GPU here ({torch.cuda.device_count()} visible); use --device cpu")
+    return device
 
 
 def loss_weights(config) -> losses.LossWeights:
@@ -307,6 +316,13 @@ class Trainer:
             totals += values * present
             counts += present
             bar.set_postfix(loss=f"{float(values[-1]):.4f}")
+        # DDP broadcasts buffers only at the start of a forward: after the last step each rank holds
+        # BatchNorm statistics of its own batch. Take rank 0's everywhere, student and teacher alike.
+        for buffer in self.model.buffers():
+            broadcast_tensor(buffer)
+        if self.teacher is not None:
+            for buffer in self.teacher.module.buffers():
+                broadcast_tensor(buffer)
         # Average over all ranks' steps, so the logged losses describe the whole epoch.
         summed = all_reduce_sum(torch.cat([totals, counts]).to(self.device)).cpu()
         totals, counts = summed[: len(totals)], summed[len(totals):]
@@ -331,6 +347,14 @@ class Trainer:
             self.model, dataset, self.device, batch_size=self.config.eval_batch_size,
             num_workers=self.config.num_workers, progress=self.progress, image_ids=self.splits.train.image_ids,
         )
+        if self.teacher is not None:
+            # The teacher is an average of past students; push replaces the prototypes outright, so
+            # the teacher takes the pushed ones too, or the alignment terms would compare similarity
+            # maps of two different prototype sets until the average caught up.
+            with torch.no_grad():
+                self.teacher.module.prototypes.copy_(self.model.prototypes)
+                for name in ("prototype_source_index", "prototype_source_location", "prototype_source_distance"):
+                    getattr(self.teacher.module, name).copy_(getattr(self.model, name))
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -86,8 +86,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return preset_config(overrides.pop("preset", "synthetic"), **overrides)
 
 
-def config_for_resume(state: dict, args: argparse.Namespace) -> Config:
-    missing = [key for key in ("config", "model", "next_stage", "rng", "best") if key not in state]
+def config_for_resume(state: dict, args: argparse.Namespace, training: bool = True) -> Config:
+    """The checkpoint's configuration with the command line's runtime overrides. ``training``: the
+    checkpoint must also carry what resuming needs (evaluation needs only config and model)."""
+    needed = ("config", "model", "next_stage", "rng", "best") if training else ("config", "model")
+    missing = [key for key in needed if key not in state]
     if missing:
         raise CheckpointError(f"{state.get('path', 'checkpoint')} lacks {', '.join(missing)}: not a complete CIPL training checkpoint")
     config = Config.from_dict(state["config"])
@@ -247,7 +250,7 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
 
 def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: bool = True) -> Path:
     state = load_checkpoint(checkpoint)
-    config = config_for_resume(state, args)
+    config = config_for_resume(state, args, training=False)
     run_dir = Path(config_overrides(args).get("out_dir") or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     context = current_context()
     splits = build_datasets_once_per_node(config, context)

@@ -56,10 +56,10 @@ def main(argv=None) -> int:
     print(run([sys.executable, "bench/train_step.py", *steps]))
 
     section("push vs one inference pass (bench/push.py)")
-    print(run([sys.executable, "bench/push.py"]))
+    print(run([sys.executable, "bench/push.py", *(["--repeats", "2"] if args.quick else [])]))
 
     section("image loader: cache vs original files (bench/loader.py)")
-    print(run([sys.executable, "bench/loader.py"]))
+    print(run([sys.executable, "bench/loader.py", *(["--images", "100"] if args.quick else [])]))
 
     section("DDP on the CPU: 2 processes (torchrun, gloo) vs 1 process, same global batch")
     cpu = ["--backbone", "resnet18", "--image-size", "96", "--pairs", "8", *(["--steps", "3"] if args.quick else ["--steps", "6"])]

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from datasets import DataError, EvalTransform, build_datasets
 from model import disease_probabilities, squared_distances
 from utils.checkpoint import CheckpointError, atomic_write_json, atomic_write_text
+from utils.cli import run_script
 from utils.localisation import high_activation_boxes
 from utils.sources import read_box_file, read_image
 from utils.visualise import (
@@ -41,7 +42,6 @@ logger = logging.getLogger("cipl.reasoning")
 MARKERS = ("reasoning.json", "predictions.csv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PATH_COLUMNS = ("path", "image", "image index", "image_id", "file")
-USER_ERRORS = (CheckpointError, DataError, ValueError, FileNotFoundError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -366,16 +366,7 @@ def predictions_csv(files: list[Path], spec: str, disease_names: list[str], prob
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        run(args)
-    except USER_ERRORS as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"interpretable_reasoning.py: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script("interpretable_reasoning.py", get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":

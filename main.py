@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from datasets import DataError, build_datasets

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from datasets import DataError, EvalTransform, TransformedDataset, build_datasets
+from datasets import EvalTransform, TransformedDataset, build_datasets
 from utils.checkpoint import CheckpointError, atomic_write_json, save_checkpoint
+from utils.cli import run_script
 from utils.projection import provenance_records, push_prototypes
 from utils.training import resolve_device
 from utils.visualise import (
@@ -38,7 +39,6 @@ from utils.visualise import (
 logger = logging.getLogger("cipl.push")
 
 MARKER = "prototypes.json"
-USER_ERRORS = (CheckpointError, DataError, ValueError, FileNotFoundError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -176,16 +176,7 @@ def _json_numbers(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        run(args)
-    except USER_ERRORS as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"push.py: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script("push.py", get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 

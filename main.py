@@ -216,14 +216,15 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
     return run_dir
 
 
-def evaluate_splits(trainer: Trainer, splits) -> dict:
-    """AUCs (and the dataset's own scores, e.g. ODIR's) on val, test and any extra test sets."""
-    results = {}
+def evaluate_splits(trainer: Trainer, splits) -> tuple[dict, tuple]:
+    """AUCs (and the dataset's own scores, e.g. ODIR's) on val, test and any extra test sets, plus
+    the test split's (probabilities, targets) so the ROC plot needs no second inference pass."""
+    results, predictions = {}, {}
     for name, dataset in [("val", splits.val), ("test", splits.test), *(splits.extra_tests or {}).items()]:
-        probabilities, targets = trainer.predict(dataset)
+        probabilities, targets = predictions[name] = trainer.predict(dataset)
         results[name] = per_class_auc(targets, probabilities, dataset.disease_names)
         results[name].update(dataset_scores(trainer.config, name, targets, probabilities))
-    return results
+    return results, predictions["test"]
 
 
 def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model: dict | None) -> dict:
@@ -231,7 +232,7 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
         trainer.model.load_state_dict(best_model)
     else:
         logger.warning("no checkpoint was eligible as best; reporting the last model")
-    results = evaluate_splits(trainer, splits)
+    results, test_predictions = evaluate_splits(trainer, splits)
     results["best"] = best
     if not current_context().is_main:
         return results
@@ -243,7 +244,7 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
         logger.info("best model (%s): val mean AUC %.4f, test mean AUC %.4f",
                     best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
         logger.info("wrote %s", run_dir / "results.json")
-        write_report_plots(trainer, splits.test, run_dir, run_dir / "metrics.csv")
+        write_report_plots(*test_predictions, splits.test.disease_names, run_dir, run_dir / "metrics.csv")
     return results
 
 
@@ -260,7 +261,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
         setup_logging(run_dir / "log.txt")
     trainer = Trainer(config, model, splits, resolve_device(config.device, context), progress=progress)
     trainer.model.load_state_dict(state["model"])
-    results = evaluate_splits(trainer, splits)
+    results, test_predictions = evaluate_splits(trainer, splits)
     results["checkpoint"] = str(Path(checkpoint).resolve())
     if not context.is_main:
         return run_dir
@@ -271,7 +272,8 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
         atomic_write_json(run_dir / "results.json", json_safe(results))
         logger.info("val mean AUC %.4f, test mean AUC %.4f; wrote %s",
                     results["val"]["mean_auc"], results["test"]["mean_auc"], run_dir / "results.json")
-        write_report_plots(trainer, splits.test, run_dir, Path(state["path"]).resolve().parent.parent / "metrics.csv")
+        write_report_plots(*test_predictions, splits.test.disease_names, run_dir,
+                           Path(state["path"]).resolve().parent.parent / "metrics.csv")
     return run_dir
 
 

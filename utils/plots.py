@@ -114,12 +114,12 @@ def write_training_curves(path: Path, metrics_csv: Path) -> bool:
     return True
 
 
-def write_report_plots(trainer, test_split, run_dir: Path, metrics_csv: Path) -> None:
-    """roc.png from the trainer's model on ``test_split`` and training_curves.png from ``metrics_csv``,
-    both into ``run_dir``; a missing metrics.csv or a one-label split only skips its plot (with a warning)."""
+def write_report_plots(probabilities, disease_targets, disease_names, run_dir: Path, metrics_csv: Path) -> None:
+    """roc.png from the test split's disease probabilities and targets ([N, C] each) and
+    training_curves.png from ``metrics_csv``, both into ``run_dir``; a missing metrics.csv or a
+    one-label split only skips its plot (with a warning)."""
     run_dir = Path(run_dir)
-    probabilities, disease_targets = trainer.predict(test_split)
-    if write_roc(run_dir / "roc.png", disease_targets, probabilities, list(test_split.disease_names)):
+    if write_roc(run_dir / "roc.png", disease_targets, probabilities, list(disease_names)):
         logger.info("wrote %s", run_dir / "roc.png")
     if write_training_curves(run_dir / "training_curves.png", metrics_csv):
         logger.info("wrote %s", run_dir / "training_curves.png")

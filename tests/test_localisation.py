@@ -2,7 +2,6 @@
 margin l_c - l_NF, the dataset evaluation, and results.json["localisation"] from main.py."""
 import json
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -105,23 +104,48 @@ def tiny_model(seed=0) -> CIPL:
     return model.eval()
 
 
-def test_cipl_maps_are_the_upsampled_evidence_of_the_requested_class():
+def test_cipl_maps_are_the_evidence_of_the_requested_class_at_feature_map_resolution():
     model = tiny_model()
     images = torch.randn(3, 3, 64, 64)
     classes = torch.tensor([0, 2, 1])
     maps = loc.cipl_maps(model, images, classes)
-    assert maps.shape == (3, 64, 64)
+    assert maps.shape == (3, 8, 8)  # the tiny backbone has stride 8
     with torch.no_grad():
         output = model(images)
     for i, c in enumerate(classes.tolist()):
         own = output.similarity_maps[i, model.prototype_class == c].max(dim=0).values
-        expected = torch.nn.functional.interpolate(own[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
-        torch.testing.assert_close(maps[i], expected)
+        torch.testing.assert_close(maps[i], own)
+
+
+# -- pointing game: the peak is located on the map itself --------------------------------------------
+def test_pointing_peak_is_the_cell_centre_not_the_first_pixel_of_an_upsampled_plateau():
+    coarse = np.zeros((1, 4, 4))
+    coarse[0, 0, 1] = 1.0  # top row: bilinear upsampling makes rows 0..15 of the column band equal
+    upsampled = loc.upsample_maps(torch.as_tensor(coarse), (128, 128)).numpy()
+    _, first_in_raster = loc.maps_to_boxes(upsampled, 0.5)
+    assert first_in_raster[0].tolist() == [0, 47]  # the old, defective answer: pixel row 0
+    points = loc.peak_points(coarse, 128)
+    np.testing.assert_allclose(points, [[16.0, 48.0]])  # centre of cell (0, 1): rows 0-31, cols 32-63
+    # A lesion box over the cell's middle holds the centre but not pixel row 0.
+    lesion = np.array([[40.0, 8.0, 16.0, 16.0]])
+    assert loc.points_in_boxes(points, lesion).tolist() == [True]
+    assert loc.points_in_boxes(first_in_raster, lesion).tolist() == [False]
+    # The box is the component around that cell, and a flat map points nowhere.
+    boxes, points = loc.localise(coarse, 128, 0.5)
+    assert boxes[0, 0] < 48 < boxes[0, 0] + boxes[0, 2] and boxes[0, 1] == 0
+    _, flat_points = loc.localise(np.full((1, 4, 4), 0.3), 128)
+    assert np.isnan(flat_points).all() and not loc.points_in_boxes(flat_points, lesion).any()
+
+
+def test_pointing_ties_between_cells_go_to_the_first_cell_and_rectangular_frames_scale_per_axis():
+    coarse = np.zeros((1, 2, 4))
+    coarse[0, 1, 2] = coarse[0, 1, 3] = 1.0
+    np.testing.assert_allclose(loc.peak_points(coarse, (20, 80)), [[15.0, 50.0]])
 
 
 def reference_gradcam(model, images, classes):
     """Grad-CAM written out: gradient of l_c - l_NF at the backbone output, channel weights = spatial mean,
-    ReLU of the weighted sum, normalised and resized the way pytorch_grad_cam does."""
+    ReLU of the weighted sum, min-max normalised the way pytorch_grad_cam does, at the layer's resolution."""
     activations = model.backbone(images)
     activations.retain_grad()
     logits = model.classify_features(model.add_on(model.top_layer(activations))).logits
@@ -131,8 +155,8 @@ def reference_gradcam(model, images, classes):
     cams = torch.relu((weights * activations).sum(dim=1)).detach().numpy()
     result = []
     for cam in cams:
-        cam = cam - cam.min()
-        cam = cv2.resize(np.float32(cam / (1e-7 + cam.max())), images.shape[-2:][::-1])
+        cam = np.float32(cam - cam.min())
+        cam = cam / (1e-7 + cam.max())
         cam = cam - cam.min()
         result.append(cam / (1e-7 + cam.max()))
     return np.stack(result)
@@ -150,7 +174,7 @@ def test_gradcam_explains_the_disease_margin_and_leaves_the_model_as_it_was():
     assert all(p.grad is None for p in model.parameters())
 
     expected = reference_gradcam(tiny_model(1).eval(), images, classes)
-    assert maps.shape == (2, 64, 64) and expected.max() > 0
+    assert maps.shape == (2, 8, 8) and expected.max() > 0
     np.testing.assert_allclose(maps, expected, atol=1e-4)
     with pytest.raises(ValueError, match="No Finding"):
         loc.DiseaseMarginTarget(3, 3)
@@ -253,3 +277,11 @@ def test_main_reports_localisation_and_plots(tmp_path, capsys):
     (tmp_path / "plain.json").write_text(json.dumps({"test": {}}))
     assert loc.main([str(tmp_path / "plain.json")]) == 2
     assert "no localisation results" in capsys.readouterr().err
+
+
+def test_pointing_ceiling_asks_whether_any_cell_centre_lies_in_a_box():
+    # 4 x 4 map on a 16-px frame: cell centres at 2, 6, 10, 14 on each axis.
+    truth = np.array([[0, 0, 4, 4], [5, 5, 2, 2], [7, 7, 1, 1], [12.5, 0.5, 1, 1]], dtype=float)
+    case_of_truth = np.array([0, 1, 2, 2])  # case 2 has two boxes, neither holds a centre
+    reachable = loc.pointing_ceiling(truth, case_of_truth, 3, (4, 4), 16)
+    assert reachable.tolist() == [True, True, False]

@@ -7,8 +7,10 @@ Two maps are compared on the same model, for the ground-truth class of every box
   the disease's logit margin l_c - l_NF as the target, since P(c) = sigmoid(l_c - l_NF) is what the
   model reports.
 
-Map -> box: upsample to the model's input resolution, min-max normalise, keep pixels >= threshold,
-take the 8-connected component that holds the map's maximum and its bounding box. Ground-truth boxes
+Both maps are taken at feature-map resolution. Pointing game: the map's highest cell, at its centre
+(located on the map itself, not after upsampling; see :func:`peak_points`). Map -> box: upsample
+bilinearly to the model's input resolution, min-max normalise, keep pixels >= threshold, take the
+8-connected component that holds the peak and its bounding box. Ground-truth boxes
 (dataset ``boxes``, in the pixel frame of ``load_image``) are scaled into the same frame; IoU, IoBB
 (intersection / predicted-box area) and the pointing game do not change under that scaling except
 for pixel rounding. A map without variation (e.g. a Grad-CAM whose weighted activations are all <= 0,
@@ -35,6 +37,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -72,13 +75,15 @@ def normalise_maps(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return normalised, flat
 
 
-def maps_to_boxes(maps: np.ndarray, threshold: float | np.ndarray = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def maps_to_boxes(maps: np.ndarray, threshold: float | np.ndarray = 0.5,
+                  seeds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Boxes around the high-evidence region of each map.
 
     maps [N, H, W] (any scale; normalised here), threshold a fraction of the normalised range, scalar
-    or [N]. Returns boxes [N, 4] float (x, y, w, h) in pixels — pixel i covers [i, i + 1) — and peaks
-    [N, 2] (row, col) of each map's maximum (first in raster order). A flat map has no evidence: its box
-    is the whole map and its peak (-1, -1), which the pointing game counts as a miss.
+    or [N]. The box is that of the 8-connected above-threshold component holding ``seeds[i]`` (row, col)
+    when given and above threshold, else the map's maximum. Returns boxes [N, 4] float (x, y, w, h) in
+    pixels -- pixel i covers [i, i + 1) -- and peaks [N, 2] (row, col) of each map's maximum (first in
+    raster order). A flat map has no evidence: its box is the whole map and its peak (-1, -1).
     """
     normalised, flat = normalise_maps(maps)
     count, height, width = normalised.shape
@@ -86,14 +91,50 @@ def maps_to_boxes(maps: np.ndarray, threshold: float | np.ndarray = 0.5) -> tupl
     foreground = normalised >= thresholds[:, None, None]
     flat_index = normalised.reshape(count, -1).argmax(axis=1)
     peaks = np.stack([flat_index // width, flat_index % width], axis=1)
+    starts = peaks.copy()
+    if seeds is not None:
+        seeds = np.clip(np.asarray(seeds, dtype=np.int64), 0, [height - 1, width - 1])
+        usable = foreground[np.arange(count), seeds[:, 0], seeds[:, 1]]
+        starts[usable] = seeds[usable]
     boxes = np.tile(np.array([0.0, 0.0, width, height]), (count, 1))
     # Connected-component labelling is sequential within an image; cv2 does it in C, one call per map.
     for index in np.flatnonzero(~flat):
         _, labels, stats, _ = cv2.connectedComponentsWithStats(foreground[index].astype(np.uint8), connectivity=8)
-        label = labels[peaks[index, 0], peaks[index, 1]]
+        label = labels[starts[index, 0], starts[index, 1]]
         boxes[index] = stats[label, :4]
     peaks[flat] = -1
     return boxes, peaks
+
+
+def peak_points(maps: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarray:
+    """Where each map points, located on the map at its own resolution: the centre of its highest cell,
+    in image pixels (y, x) of an image_size frame. [N, h, w] -> [N, 2] float; NaN for a flat map.
+
+    Finding the peak after upsampling would be wrong: bilinear upsampling turns each edge cell into a
+    band of equal values, and the first maximum in raster order then sits on pixel row or column 0,
+    half a cell away from the cell's centre (a box that holds the cell's centre would miss it).
+    Ties between cells at the map's own resolution go to the first in raster order.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    count, height, width = maps.shape
+    out_height, out_width = (image_size, image_size) if np.isscalar(image_size) else image_size
+    _, flat = normalise_maps(maps)
+    flat_index = maps.reshape(count, -1).argmax(axis=1)
+    cells = np.stack([flat_index // width, flat_index % width], axis=1).astype(np.float64)
+    points = (cells + 0.5) * np.array([out_height / height, out_width / width])
+    points[flat] = np.nan
+    return points
+
+
+def localise(maps: np.ndarray, image_size: int, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Evidence maps at feature-map resolution [N, h, w] -> (boxes [N, 4] and points [N, 2] (y, x)) in
+    the image_size x image_size frame. The box comes from the bilinearly upsampled map (METHOD.md), the
+    point from the map itself (:func:`peak_points`); the box is the component that holds the point."""
+    points = peak_points(maps, image_size)
+    upsampled = upsample_maps(torch.as_tensor(np.asarray(maps, dtype=np.float64)), (image_size, image_size)).numpy()
+    seeds = np.floor(np.nan_to_num(points, nan=0.0)).astype(np.int64)
+    boxes, _ = maps_to_boxes(upsampled, threshold, seeds=seeds)
+    return boxes, points
 
 
 def high_activation_boxes(maps: np.ndarray, percentile: float = 95.0) -> np.ndarray:
@@ -129,12 +170,19 @@ def box_iobb(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.divide(intersection, area, out=np.zeros_like(intersection), where=area > 0)
 
 
-def points_in_boxes(peaks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Whether the centre of pixel (row, col) lies in box (x, y, w, h); peaks of -1 never do."""
-    x = peaks[:, 1] + 0.5
-    y = peaks[:, 0] + 0.5
-    inside = (x >= boxes[:, 0]) & (x < boxes[:, 0] + boxes[:, 2]) & (y >= boxes[:, 1]) & (y < boxes[:, 1] + boxes[:, 3])
-    return inside & (peaks[:, 0] >= 0)
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Whether point (y, x) lies in box (x, y, w, h). Integer points are pixel indices (row, col), tested
+    at the pixel's centre, and -1 never hits; float points are coordinates, and NaN never hits."""
+    points = np.asarray(points)
+    if np.issubdtype(points.dtype, np.integer):
+        missing = points[:, 0] < 0
+        points = points + 0.5
+    else:
+        missing = np.isnan(points).any(axis=1)
+    y, x = points[:, 0], points[:, 1]
+    with np.errstate(invalid="ignore"):
+        inside = (x >= boxes[:, 0]) & (x < boxes[:, 0] + boxes[:, 2]) & (y >= boxes[:, 1]) & (y < boxes[:, 1] + boxes[:, 3])
+    return inside & ~missing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +197,8 @@ class CaseScores:
     hit: np.ndarray
 
 
-def score_cases(predicted: np.ndarray, peaks: np.ndarray, truth: np.ndarray, case_of_truth: np.ndarray) -> CaseScores:
-    """predicted [N, 4] and peaks [N, 2] per case; truth [G, 4] boxes, each belonging to case
+def score_cases(predicted: np.ndarray, points: np.ndarray, truth: np.ndarray, case_of_truth: np.ndarray) -> CaseScores:
+    """predicted [N, 4] boxes and points [N, 2] (y, x; see :func:`points_in_boxes`) per case; truth [G, 4] boxes, each belonging to case
     ``case_of_truth[g]`` (every case has at least one)."""
     count = len(predicted)
     pairs_predicted = predicted[case_of_truth]
@@ -159,7 +207,7 @@ def score_cases(predicted: np.ndarray, peaks: np.ndarray, truth: np.ndarray, cas
     hit = np.zeros(count, dtype=bool)
     np.maximum.at(iou, case_of_truth, box_iou(pairs_predicted, truth))
     np.maximum.at(iobb, case_of_truth, box_iobb(pairs_predicted, truth))
-    np.logical_or.at(hit, case_of_truth, points_in_boxes(peaks[case_of_truth], truth))
+    np.logical_or.at(hit, case_of_truth, points_in_boxes(points[case_of_truth], truth))
     return CaseScores(iou=iou, iobb=iobb, hit=hit)
 
 
@@ -197,11 +245,10 @@ def class_evidence_maps(similarity_maps: Tensor, prototype_class: Tensor, num_cl
 
 @torch.no_grad()
 def cipl_maps(model, images: Tensor, class_indices: Tensor) -> Tensor:
-    """Class evidence maps of ``class_indices[i]`` for ``images[i]``, at input resolution: [N, S, S]."""
+    """Class evidence maps of ``class_indices[i]`` for ``images[i]``, at feature-map resolution: [N, h, w]."""
     output = model(images)
     evidence = class_evidence_maps(output.similarity_maps, model.prototype_class, model.num_classes)
-    chosen = evidence[torch.arange(len(images), device=evidence.device), class_indices.to(evidence.device)]
-    return upsample_maps(chosen, images.shape[-2:])
+    return evidence[torch.arange(len(images), device=evidence.device), class_indices.to(evidence.device)]
 
 
 class DiseaseMarginTarget:
@@ -239,20 +286,30 @@ def gradcam_layer(model, name: str = "backbone") -> nn.Module:
     return model.backbone if name == "backbone" else model.add_on
 
 
+class _LayerResolutionGradCAM(GradCAM):
+    """pytorch_grad_cam's GradCAM, returning each map at its target layer's own resolution.
+
+    The package resizes maps to the input image; the evaluation here upsamples them itself and finds
+    the peak at the map's own resolution (:func:`peak_points`), the same as for CIPL's maps.
+    """
+
+    def get_target_width_height(self, input_tensor: Tensor) -> tuple[int, int]:
+        activations = self.activations_and_grads.activations[0]
+        return activations.shape[-1], activations.shape[-2]
+
+
 def gradcam_maps(model, images: Tensor, class_indices: Tensor, layer: str = "backbone") -> Tensor:
     """Grad-CAM (pytorch_grad_cam.GradCAM) of the margin l_c - l_NF for ``class_indices[i]`` on
-    ``images[i]``, one backward pass for the batch: [N, S, S] in [0, 1] (the package min-max
-    normalises and resizes to the input).
+    ``images[i]``, one backward pass for the batch: [N, h, w] in [0, 1] at the target layer's
+    resolution (the package min-max normalises each map).
 
     The model's parameters are frozen for the call (no .grad is left behind) and its train/eval mode
     and requires_grad flags are restored afterwards.
     """
-    from pytorch_grad_cam import GradCAM
-
     was_training = model.training
     flags = [parameter.requires_grad for parameter in model.parameters()]
     model.requires_grad_(False)
-    cam = GradCAM(model=_Logits(model), target_layers=[gradcam_layer(model, layer)])
+    cam = _LayerResolutionGradCAM(model=_Logits(model), target_layers=[gradcam_layer(model, layer)])
     try:
         targets = [DiseaseMarginTarget(int(c), model.no_finding_index) for c in class_indices.tolist()]
         with torch.enable_grad():
@@ -346,7 +403,8 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
     model.eval()
     parts: list[BoxedCases] = []
     boxes: dict[str, list] = {method: [] for method in methods}
-    peaks: dict[str, list] = {method: [] for method in methods}
+    points: dict[str, list] = {method: [] for method in methods}
+    map_size = (0, 0)
     starts = range(0, len(indices), batch_size)
     try:
         for start in tqdm(starts, desc="localisation", leave=False, disable=not progress):
@@ -362,9 +420,10 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
             classes = torch.as_tensor(cases.class_index, device=device)
             for method in methods:
                 maps = cipl_maps(model, images, classes) if method == "cipl" else gradcam_maps(model, images, classes, layer)
-                method_boxes, method_peaks = maps_to_boxes(maps.float().cpu().numpy(), threshold)
+                map_size = tuple(maps.shape[-2:])
+                method_boxes, method_points = localise(maps.double().cpu().numpy(), image_size, threshold)
                 boxes[method].append(method_boxes)
-                peaks[method].append(method_peaks)
+                points[method].append(method_points)
     finally:
         model.train(was_training)
     cases = BoxedCases.concatenate(parts)
@@ -378,12 +437,32 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
         gradcam_layer=layer,
         boxed_images=int(len(np.unique(cases.image_index))),
         cases=int(len(cases.image_index)),
+        map_size=list(map_size),
         methods={},
     )
     for method in methods:
-        scores = score_cases(np.concatenate(boxes[method]), np.concatenate(peaks[method]), cases.truth, cases.case_of_truth)
+        scores = score_cases(np.concatenate(boxes[method]), np.concatenate(points[method]), cases.truth, cases.case_of_truth)
         report["methods"][method] = summarise(scores, cases.class_index, dataset.class_names)
+    ceiling = pointing_ceiling(cases.truth, cases.case_of_truth, len(cases.image_index), map_size, image_size)
+    per_class_ceiling = {dataset.class_names[int(c)]: float(ceiling[cases.class_index == c].mean())
+                         for c in np.unique(cases.class_index)}
+    report["pointing_ceiling"] = dict(per_class=per_class_ceiling, mean=float(np.mean(list(per_class_ceiling.values()))))
     return report
+
+
+def pointing_ceiling(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map_size: tuple[int, int],
+                     image_size: int) -> np.ndarray:
+    """Per case, whether any cell centre of an h x w map lies in one of its boxes: [count] bool. The
+    pointing game of any map at that resolution cannot beat the mean of this (a box smaller than a
+    cell may hold no cell centre at all)."""
+    height, width = map_size
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    centres = np.stack([(rows.ravel() + 0.5) * image_size / height, (cols.ravel() + 0.5) * image_size / width], axis=1)
+    inside = points_in_boxes(np.repeat(centres, len(truth), axis=0), np.tile(truth, (len(centres), 1)))
+    any_cell = inside.reshape(len(centres), len(truth)).any(axis=0)  # [G]
+    reachable = np.zeros(count, dtype=bool)
+    np.logical_or.at(reachable, case_of_truth, any_cell)
+    return reachable
 
 
 def localisation_report(model, dataset, config, device, progress: bool = True) -> dict | None:
@@ -421,6 +500,11 @@ def format_table(report: dict, title: str = "") -> str:
                 lines.append(row(method, name, entry["cases"], entry))
         lines.append(row(method, "mean", result["mean"].get("cases", ""), result["mean"]))
         lines.append("")
+    ceiling = report.get("pointing_ceiling")
+    if ceiling:
+        classes = ", ".join(f"{name} {value:.2f}" for name, value in sorted(ceiling["per_class"].items()))
+        lines.append(f"pointing ceiling of a {'x'.join(str(v) for v in report.get('map_size', []))} map "
+                     f"(a cell centre inside a box): mean {ceiling['mean']:.3f} ({classes})")
     return "\n".join(lines).rstrip()
 
 

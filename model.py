@@ -44,19 +44,27 @@ class CIPLOutput:
 
 
 class TinyBackbone(nn.Sequential):
-    """A small stride-32 CNN (five stages of stride-2 conv + conv, BatchNorm, ReLU).
+    """A small stride-8 CNN for CPU runs (the synthetic preset) and tests.
 
-    For CPU runs of the synthetic preset and for tests; the paper's backbones are the torchvision ones.
+    Three stages, each a stride-2 3x3 conv and a stride-1 3x3 conv (BatchNorm, ReLU), then one more
+    3x3 conv: a 128-px image gives a 16x16 feature map whose cells each see a 59-px window, so where
+    a prototype matches says where its evidence lies. Padding reflects the image instead of adding
+    zeros: a zero border would tell every cell how far it is from the edge, a position code the
+    network could use in place of what the cell actually shows.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 96, 128)):
+    STRIDE = 8
+    RECEPTIVE_FIELD = 59  # 1 + sum over the 3x3 convs of 2 x (product of the strides before it)
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64)):
         layers: list[nn.Module] = []
         channels_in = 3
-        for width in widths:
-            for stride in (2, 1):
-                layers += [nn.Conv2d(channels_in, width, 3, stride=stride, padding=1, bias=False),
-                           nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-                channels_in = width
+        strides = [stride for _ in widths for stride in (2, 1)] + [1]
+        outputs = [width for width in widths for _ in (0, 1)] + [widths[-1]]
+        for stride, width in zip(strides, outputs):
+            layers += [nn.Conv2d(channels_in, width, 3, stride=stride, padding=1, padding_mode="reflect", bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels_in = width
         super().__init__(*layers)
         self.out_channels = widths[-1]
 
@@ -66,9 +74,10 @@ def _torchvision_weights(name: str):
 
 
 def build_backbone(name: str, pretrained: bool = False, pretrained_path: str = "") -> tuple[nn.Module, int]:
-    """A stride-32 feature extractor and its channel count.
+    """A feature extractor and its channel count.
 
     DenseNet-121: output of the last dense block (1024 channels), as in the paper. ResNets: layer4.
+    Both have stride 32; the CPU backbone ``tiny`` has stride 8 (:class:`TinyBackbone`).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from model import BACKBONES, CIPL, EmaTeacher, build_backbone, co_attention, disease_probabilities, squared_distances
+from model import (
+    BACKBONES, CIPL, EmaTeacher, TinyBackbone, build_backbone, co_attention, disease_probabilities, squared_distances,
+)
 
 CLASSES = ["A", "B", "C", "No Finding"]
 
@@ -77,7 +79,7 @@ def test_forward_matches_method_formulas():
     with torch.no_grad():
         output = model(images)
         features = model.extract_features(images)
-    assert output.features.shape == (3, 8, 2, 2)
+    assert output.features.shape == (3, 8, 8, 8)  # the tiny backbone has stride 8
     assert 0 <= float(features.min()) and float(features.max()) <= 1
     distances = ((features.unsqueeze(1) - model.prototypes.view(1, -1, 8, 1, 1)) ** 2).sum(2)
     torch.testing.assert_close(output.similarity_maps, torch.exp(-distances / 8))
@@ -89,6 +91,33 @@ def test_forward_matches_method_formulas():
     probabilities = disease_probabilities(output.logits)
     expected = torch.softmax(torch.stack([output.logits[:, 3:4].expand(-1, 3), output.logits[:, :3]], -1), -1)[..., 1]
     torch.testing.assert_close(probabilities, expected)
+
+
+def test_tiny_backbone_sees_a_local_window_and_has_no_border_position_code():
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny")[0].eval()
+    # A uniform image gives the same features at every cell: reflecting padding tells a cell nothing
+    # about how far it is from the edge (zero padding would make the border cells differ).
+    with torch.no_grad():
+        uniform = backbone(torch.full((1, 3, 128, 128), 0.7))
+    assert uniform.shape[-2:] == (16, 16)
+    torch.testing.assert_close(uniform, uniform[..., :1, :1].expand_as(uniform), atol=1e-5, rtol=1e-5)
+    zero_padded = torch.nn.Sequential(*[
+        torch.nn.Conv2d(m.in_channels, m.out_channels, 3, m.stride, 1, bias=False) if isinstance(m, torch.nn.Conv2d) else m
+        for m in backbone]).eval()
+    with torch.no_grad():
+        for original, copy in zip(backbone, zero_padded):
+            if isinstance(original, torch.nn.Conv2d):
+                copy.weight.copy_(original.weight)
+        zeros = zero_padded(torch.full((1, 3, 128, 128), 0.7))
+    assert (zeros[..., 0, 0] - zeros[..., 8, 8]).abs().max() > 1e-3  # the control does see the border
+    # Receptive field: an interior cell depends on a window of TinyBackbone.RECEPTIVE_FIELD pixels only.
+    image = torch.randn(1, 3, 128, 128, requires_grad=True)
+    backbone(image)[0, :, 8, 8].sum().backward()
+    rows = torch.nonzero(image.grad.abs().sum(dim=(0, 1, 3)) > 0).flatten()
+    cols = torch.nonzero(image.grad.abs().sum(dim=(0, 1, 2)) > 0).flatten()
+    assert int(rows.max() - rows.min()) + 1 == TinyBackbone.RECEPTIVE_FIELD
+    assert int(cols.max() - cols.min()) + 1 == TinyBackbone.RECEPTIVE_FIELD < 128 / 2
 
 
 def test_prototype_class_and_initial_last_layer():

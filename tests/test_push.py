@@ -35,7 +35,7 @@ def write_checkpoint(path, config, model):
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    config = tiny_config(image_size=96)  # 3 x 3 feature maps
+    config = tiny_config(image_size=96)  # 12 x 12 feature maps (the tiny backbone has stride 8)
     return config, build_datasets(config)
 
 
@@ -103,7 +103,7 @@ def test_push_script_writes_gallery_json_and_a_new_checkpoint(tmp_path, tiny_set
     listing = json.loads((out / "prototypes.json").read_text())
     entries = listing["prototypes"]
     assert len(entries) == model.num_prototypes
-    cell = config.image_size / 3  # stride of the 3 x 3 feature map in image pixels
+    cell = config.image_size / 12  # stride of the 12 x 12 feature map in image pixels
     for entry, record in zip(entries, pushed["prototype_provenance"]):
         assert entry["image_id"] == record["image_id"] and entry["location"] == record["location"]
         assert entry["class_name"] == model.class_names[entry["class_index"]]

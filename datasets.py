@@ -77,16 +77,19 @@ class MultiLabelDataset(Dataset):
 class SyntheticChestXrays(MultiLabelDataset):
     """The built-in procedural dataset (utils/synthetic.py), rendered once into memory.
 
-    Splits use disjoint seeds, so train, val and test never share a case.
+    Splits use disjoint seeds, so train, val and test never share a case. The split
+    ``test-decorrelated`` draws every disease independently (utils.synthetic.render_case), so a
+    model that learnt a disease from its usual companion is caught out there.
     """
 
     def __init__(self, split: str, size: int, image_size: int, seed: int = 0):
         self.split = split
+        decorrelated = split == "test-decorrelated"
         self.class_names = list(SYNTHETIC_CLASS_NAMES)
         self.image_ids = [f"synthetic-{split}-{index:05d}" for index in range(size)]
         images, targets, self.boxes = [], [], {}
         for index in tqdm(range(size), desc=f"rendering synthetic {split}", leave=False, disable=None if size >= 200 else True):
-            case = render_case(case_seed(seed, split, index), image_size)
+            case = render_case(case_seed(seed, split, index), image_size, decorrelated=decorrelated)
             images.append(case.image)
             targets.append(case.target)
             if case.boxes:
@@ -126,7 +129,11 @@ def build_datasets(config) -> DataSplits:
                 ("test", config.synthetic_test_size),
             )
         }
-        return DataSplits(class_names=list(SYNTHETIC_CLASS_NAMES), **splits)
+        extra = {}
+        if config.synthetic_decorrelated_test_size:
+            extra["test_decorrelated"] = SyntheticChestXrays(
+                "test-decorrelated", config.synthetic_decorrelated_test_size, config.image_size, seed=config.seed)
+        return DataSplits(class_names=list(SYNTHETIC_CLASS_NAMES), extra_tests=extra or None, **splits)
     from utils import sources
 
     return sources.build_datasets(config)
@@ -260,7 +267,9 @@ class TwoViewTransform:
         ])
         self.per_view = v2.Compose([
             v2.ColorJitter(brightness=(0.8, 1.2), contrast=(0.8, 1.2), saturation=(0.8, 1.2), hue=(-0.01, 0.01)),
-            v2.RandomApply([RandomGaussianBlur(0.5, 2.0)], p=0.5),
+            # METHOD.md's sigma 0.5-2 px is for 512-px images; like the elastic field and the cutout it
+            # scales with the resolution, or a 128-px image would be blurred four times as hard.
+            v2.RandomApply([RandomGaussianBlur(0.5 * size / 512, 2.0 * size / 512)], p=0.5),
             v2.RandomResizedCrop(size, scale=(0.95, 1.0), ratio=(0.95, 1.05), antialias=True),
         ])
 

@@ -37,6 +37,7 @@ class Config:
     synthetic_train_size: int = 1600
     synthetic_val_size: int = 400
     synthetic_test_size: int = 800
+    synthetic_decorrelated_test_size: int = 800  # a second test split with every disease independent (0 = none)
 
     # --- data splits and sampling -----------------------------------------------------------
     val_fraction: float = 0.1  # share of the training list held out for model selection

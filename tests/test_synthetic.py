@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_DISEASES, SyntheticCase, case_seed, render_case
+from utils.synthetic import (
+    SYNTHETIC_CLASS_NAMES, SYNTHETIC_DISEASES, SyntheticCase, case_seed, disease_prevalence, render_case,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_DISEASES = len(SYNTHETIC_DISEASES)
@@ -207,3 +209,47 @@ def test_lesions_change_the_pixels_inside_their_boxes(train_cases, train_targets
         assert len(lesion) > 100, name
         assert np.median(lesion) - np.median(control) > 0.03, name
         assert (lesion > np.median(control)).mean() > 0.6, name
+
+
+# -- the decorrelated test split ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def decorrelated_targets() -> np.ndarray:
+    cases = [render_case(case_seed(0, "test-decorrelated", index), STATS_SIZE, decorrelated=True)
+             for index in range(STATS_CASES)]
+    return np.stack([case.target for case in cases])
+
+
+def test_prevalence_is_exact_under_the_clinical_model(train_targets):
+    expected = disease_prevalence()
+    observed = train_targets[:, :NUM_DISEASES].mean(axis=0)
+    # 2000 cases: a binomial standard error of at most 0.011 per disease.
+    np.testing.assert_allclose(observed, expected, atol=0.035)
+
+
+def test_decorrelated_split_keeps_the_prevalences_but_not_the_co_occurrence(train_targets, decorrelated_targets):
+    diseases = decorrelated_targets[:, :NUM_DISEASES] == 1
+    np.testing.assert_allclose(diseases.mean(axis=0), disease_prevalence(), atol=0.035)
+    assert abs(decorrelated_targets[:, NO_FINDING].mean() - np.prod(1 - disease_prevalence())) < 0.035
+
+    def phi(targets: np.ndarray, first: int, second: int) -> float:
+        return float(np.corrcoef(targets[:, first], targets[:, second])[0, 1])
+
+    for first, second in [(EFFUSION, CARDIOMEGALY), (MASS, NODULE), (ATELECTASIS, EFFUSION)]:
+        assert phi(train_targets, first, second) > 0.25  # strongly correlated in the ordinary splits
+        assert abs(phi(decorrelated_targets, first, second)) < 0.06  # chance level: 2000 cases, s.e. ~0.022
+    # Every pair is near independence, and the co-occurring pairs still meet often enough to be scored.
+    correlation = np.corrcoef(decorrelated_targets[:, :NUM_DISEASES].T)
+    assert np.abs(correlation[np.triu_indices(NUM_DISEASES, 1)]).max() < 0.08
+    assert (diseases[:, EFFUSION] & diseases[:, CARDIOMEGALY]).sum() > 30
+    assert (diseases[:, EFFUSION] & ~diseases[:, CARDIOMEGALY]).sum() > 200
+
+
+def test_decorrelated_cases_have_a_box_for_every_disease_and_the_usual_rendering():
+    for index in range(40):
+        case = render_case(case_seed(1, "test-decorrelated", index), 64, decorrelated=True)
+        present = set(np.flatnonzero(case.target[:NUM_DISEASES]).tolist())
+        assert {box[0] for box in case.boxes} == present
+        assert case.target[NO_FINDING] == (0.0 if present else 1.0)
+    # Same seed, labels drawn the other way: the rest of the scene machinery is shared.
+    seed = case_seed(1, "test-decorrelated", 0)
+    assert render_case(seed, 64, decorrelated=True).image.shape == render_case(seed, 64).image.shape

@@ -35,10 +35,12 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "CO_OCCURRING_DISEASES",
     "SYNTHETIC_DISEASES",
     "SYNTHETIC_CLASS_NAMES",
     "SyntheticCase",
     "case_seed",
+    "disease_prevalence",
     "render_case",
 ]
 
@@ -55,7 +57,9 @@ SYNTHETIC_CLASS_NAMES: tuple[str, ...] = SYNTHETIC_DISEASES + ("No Finding",)
 _ATELECTASIS, _CARDIOMEGALY, _EFFUSION, _MASS, _NODULE, _PNEUMOTHORAX = range(len(SYNTHETIC_DISEASES))
 _NO_FINDING = len(SYNTHETIC_DISEASES)
 
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+# The decorrelated test split draws every disease independently (see `render_case`); its own code
+# keeps its cases apart from the ordinary test split's.
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "test-decorrelated": 3}
 _MIN_IMAGE_SIZE = 32
 
 # Disease model. A case is normal with _NORMAL_SHARE; otherwise one primary disease is drawn, its
@@ -75,6 +79,9 @@ _COMPANIONS: dict[int, tuple[tuple[int, float], ...]] = {
 }
 _INCIDENTAL_PROBABILITY = 0.08
 _MAX_DISEASES = 3
+# The two strongly co-occurring pairs (P(companion | disease) about 0.6): where a classifier can score by
+# recognising the companion, and where CIPL's cross-image term claims to help.
+CO_OCCURRING_DISEASES: tuple[str, ...] = ("Cardiomegaly", "Effusion", "Mass", "Nodule")
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,38 @@ def _severity(rng: np.random.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(rng.random()) ** 1.5
 
 
-def _sample_diseases(rng: np.random.Generator) -> frozenset[int]:
+@functools.cache
+def disease_prevalence() -> np.ndarray:
+    """Exact probability of each disease under the clinical (correlated) disease model: [C].
+
+    Enumerates the model of `_sample_diseases`: a primary disease, each subset of its companions, then
+    the incidental finding, which joins with _INCIDENTAL_PROBABILITY when fewer than _MAX_DISEASES are
+    present and is uniform over the diseases not yet present.
+    """
+    count = len(SYNTHETIC_DISEASES)
+    prevalence = np.zeros(count)
+    for primary, primary_probability in enumerate(_PRIMARY_PROBABILITIES):
+        companions = _COMPANIONS[primary]
+        for mask in range(2 ** len(companions)):  # every subset of the companions (at most 2 of them)
+            present, probability = {primary}, (1.0 - _NORMAL_SHARE) * primary_probability
+            for bit, (companion, companion_probability) in enumerate(companions):
+                chosen = bool(mask >> bit & 1)
+                probability *= companion_probability if chosen else 1.0 - companion_probability
+                if chosen:
+                    present.add(companion)
+            prevalence[sorted(present)] += probability
+            if len(present) < _MAX_DISEASES:
+                others = [d for d in range(count) if d not in present]
+                prevalence[others] += probability * _INCIDENTAL_PROBABILITY / len(others)
+    return prevalence
+
+
+def _sample_diseases(rng: np.random.Generator, decorrelated: bool = False) -> frozenset[int]:
+    """The case's diseases. Clinical model by default; ``decorrelated``: each disease present
+    independently with its prevalence under the clinical model, so the diseases that usually come
+    together (effusion and cardiomegaly, mass and nodule) appear together only by chance."""
+    if decorrelated:
+        return frozenset(np.flatnonzero(rng.random(len(SYNTHETIC_DISEASES)) < disease_prevalence()).tolist())
     if rng.random() < _NORMAL_SHARE:
         return frozenset()
     primary = int(rng.choice(len(SYNTHETIC_DISEASES), p=_PRIMARY_PROBABILITIES))
@@ -753,18 +791,20 @@ def _render_nodules(plan: _NodulePlan, xs: np.ndarray, ys: np.ndarray, density: 
     return boxes
 
 
-def render_case(seed: int, image_size: int) -> SyntheticCase:
+def render_case(seed: int, image_size: int, decorrelated: bool = False) -> SyntheticCase:
     """Render one case at image_size x image_size (any size 32..1024 works; geometry scales with size).
 
     All randomness comes from `numpy.random.default_rng(seed)`: first the whole scene (labels,
     anatomy, lesion geometry, exposure), which does not depend on the size, then the pixel noise.
+    ``decorrelated`` draws the labels with every disease independent (same prevalences); everything
+    else about the case is drawn and rendered exactly as usual.
     """
     size = operator.index(image_size)
     if size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {size}")
     rng = np.random.default_rng(operator.index(seed))
 
-    diseases = _sample_diseases(rng)
+    diseases = _sample_diseases(rng, decorrelated)
     anatomy = _sample_anatomy(rng, cardiomegaly=_CARDIOMEGALY in diseases)
     atelectasis = _sample_atelectasis(rng, anatomy) if _ATELECTASIS in diseases else None
     effusion = _sample_effusion(rng) if _EFFUSION in diseases else None

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from datasets import DataError, build_datasets
@@ -31,6 +32,7 @@ from utils.distributed import all_gather_objects, barrier, broadcast_object, cur
 from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
 from utils.plots import write_report_plots
+from utils.prototype_quality import evaluate_prototype_quality, format_quality
 from utils.sources import dataset_scores
 from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, resolve_device, seed_everything
 
@@ -216,15 +218,35 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
     return run_dir
 
 
-def evaluate_splits(trainer: Trainer, splits) -> tuple[dict, tuple]:
+def evaluate_splits(trainer: Trainer, splits) -> tuple[dict, tuple, np.ndarray]:
     """AUCs (and the dataset's own scores, e.g. ODIR's) on val, test and any extra test sets, plus
-    the test split's (probabilities, targets) so the ROC plot needs no second inference pass."""
+    the test split's (probabilities, targets) so the ROC plot needs no second inference pass, and its
+    prototype scores [N, P] for the prototypes' selectivity."""
     results, predictions = {}, {}
     for name, dataset in [("val", splits.val), ("test", splits.test), *(splits.extra_tests or {}).items()]:
-        probabilities, targets = predictions[name] = trainer.predict(dataset)
+        predictions[name] = trainer.predict(dataset, with_scores=name == "test")
+        probabilities, targets = predictions[name][:2]
         results[name] = per_class_auc(targets, probabilities, dataset.disease_names)
         results[name].update(dataset_scores(trainer.config, name, targets, probabilities))
-    return results, predictions["test"]
+    probabilities, targets, test_scores = predictions["test"]
+    return results, (probabilities, targets), test_scores
+
+
+def add_interpretation(results: dict, trainer: Trainer, splits, test_scores: np.ndarray) -> None:
+    """What the explanation is worth, next to the AUCs: ``prototypes`` (diversity, grounding on the
+    training boxes, selectivity on the test split) and ``localisation`` (test split; each extra test
+    split with boxes gets its own under its name)."""
+    results["prototypes"] = evaluate_prototype_quality(
+        trainer.model, splits.train, trainer.config.image_size, trainer.device, trainer.config.eval_batch_size,
+        test_scores, splits.test.targets)
+    logger.info("prototype quality (selectivity on the test split):\n%s", format_quality(results["prototypes"]))
+    localisation = localisation_report(trainer.model, splits.test, trainer.config, trainer.device, trainer.progress)
+    if localisation is not None:
+        results["localisation"] = localisation
+    for name, dataset in (splits.extra_tests or {}).items():
+        localisation = localisation_report(trainer.model, dataset, trainer.config, trainer.device, trainer.progress)
+        if localisation is not None:
+            results[name]["localisation"] = localisation
 
 
 def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model: dict | None) -> dict:
@@ -232,14 +254,12 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
         trainer.model.load_state_dict(best_model)
     else:
         logger.warning("no checkpoint was eligible as best; reporting the last model")
-    results, test_predictions = evaluate_splits(trainer, splits)
+    results, test_predictions, test_scores = evaluate_splits(trainer, splits)
     results["best"] = best
     if not current_context().is_main:
         return results
     with local_only():  # localisation and figures: rank 0 alone, no collectives
-        localisation = localisation_report(trainer.model, splits.test, trainer.config, trainer.device, trainer.progress)
-        if localisation is not None:
-            results["localisation"] = localisation
+        add_interpretation(results, trainer, splits, test_scores)
         atomic_write_json(run_dir / "results.json", json_safe(results))
         logger.info("best model (%s): val mean AUC %.4f, test mean AUC %.4f",
                     best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
@@ -261,14 +281,12 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
         setup_logging(run_dir / "log.txt")
     trainer = Trainer(config, model, splits, resolve_device(config.device, context), progress=progress)
     trainer.model.load_state_dict(state["model"])
-    results, test_predictions = evaluate_splits(trainer, splits)
+    results, test_predictions, test_scores = evaluate_splits(trainer, splits)
     results["checkpoint"] = str(Path(checkpoint).resolve())
     if not context.is_main:
         return run_dir
     with local_only():  # localisation and figures: rank 0 alone, no collectives
-        localisation = localisation_report(trainer.model, splits.test, config, trainer.device, progress)
-        if localisation is not None:
-            results["localisation"] = localisation
+        add_interpretation(results, trainer, splits, test_scores)
         atomic_write_json(run_dir / "results.json", json_safe(results))
         logger.info("val mean AUC %.4f, test mean AUC %.4f; wrote %s",
                     results["val"]["mean_auc"], results["test"]["mean_auc"], run_dir / "results.json")

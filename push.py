@@ -9,7 +9,9 @@ split rebuilt from the checkpoint's own configuration. The pushed model is saved
 receives, all at once when everything has been drawn:
 
     prototypes.json                      per prototype: class, source image, feature-map location,
-                                         image-space high-activation box, distance and similarity
+                                         image-space high-activation box, distance and similarity;
+                                         "quality": the prototype-quality section of results.json
+                                         (diversity, grounding, selectivity on the test split)
     gallery/<class>.png                  one grid per class: source image with overlay | patch
     prototypes/p<j>-<class>-source.png   source image, 0.7 image + 0.3 jet similarity overlay,
                                          white 0.65 contour, yellow high-activation box
@@ -30,7 +32,8 @@ from datasets import EvalTransform, TransformedDataset, build_datasets
 from utils.checkpoint import CheckpointError, atomic_write_json, save_checkpoint
 from utils.cli import run_script
 from utils.projection import provenance_records, push_prototypes
-from utils.training import resolve_device
+from utils.prototype_quality import evaluate_prototype_quality, format_quality, warn_if_collapsed
+from utils.training import predict, resolve_device
 from utils.visualise import (
     GalleryEntry, check_output_dir, gallery_figure, iter_prototype_views, load_model_from_checkpoint, save_png,
     staged_output,
@@ -119,6 +122,13 @@ def run(args: argparse.Namespace) -> Path:
         records = push_prototypes(model, push_set, device, batch_size=batch_size, num_workers=config.num_workers,
                                   progress=progress, image_ids=train.image_ids)
         target = pushed_checkpoint_path(checkpoint)
+        warn_if_collapsed(model, train.image_ids)
+    # Selectivity on the held-out test split; diversity and grounding from the training split pushed onto.
+    _, _, test_scores = predict(model, splits.test, device, config.image_size, batch_size, config.num_workers,
+                                progress, with_scores=True)
+    quality = evaluate_prototype_quality(model, train, config.image_size, device, batch_size, test_scores,
+                                         splits.test.targets)
+    logger.info("prototype quality (selectivity on the test split):\n%s", format_quality(quality))
 
     with staged_output(out, MARKER) as staging:
         (staging / "prototypes").mkdir()
@@ -149,6 +159,7 @@ def run(args: argparse.Namespace) -> Path:
             class_names=model.class_names,
             image_size=config.image_size,
             prototype_dim=model.prototype_dim,
+            quality=_json_numbers(quality),
             box="high-activation box (x, y, w, h) in source-image pixels: 95th percentile of the upsampled "
                 "similarity map, connected component holding its maximum",
             prototypes=_json_numbers([entries[j] for j in sorted(entries)]),

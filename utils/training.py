@@ -24,6 +24,7 @@ from model import CIPL, EmaTeacher, disease_probabilities
 from utils.distributed import all_gather_objects, all_reduce_sum, broadcast_tensor, current_context, shard_indices
 from utils.metrics import per_class_auc
 from utils.projection import push_prototypes
+from utils.prototype_quality import format_quality, prototype_grounding, quality_report, warn_if_collapsed
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +118,20 @@ def paired_terms(model, teacher: EmaTeacher | None, views, views_prime, targets,
 
     ``model`` is the CIPL network or its DistributedDataParallel wrapper."""
     output = model(views, co_attend=config.cross_image)
+    teacher_output = teacher(views_prime) if teacher is not None and config.uses_alignment else None
+    return paired_terms_of(output, teacher_output, targets, config, prototype_class)
+
+
+def paired_terms_of(output, teacher_output, targets, config, prototype_class) -> dict:
+    """The CIPL terms from the student's output (with co-attended logits when config.cross_image) and
+    the teacher's output on the second views (None: no alignment terms)."""
     terms = prototype_terms(prototype_class, output, targets, config.separation_margin)
     if config.cross_image:
-        half = views.shape[0] // 2
+        half = targets.shape[0] // 2
         terms["cross_image"] = losses.cross_image_loss(
             output.cross_logits[:half], output.cross_logits[half:], targets[:half], targets[half:]
         )
-    if teacher is not None and config.uses_alignment:
-        teacher_output = teacher(views_prime)
+    if teacher_output is not None:
         if config.interpretation_alignment:
             terms["interpretation"] = losses.interpretation_alignment_loss(output.similarity_maps, teacher_output.similarity_maps)
         if config.prediction_alignment:
@@ -172,6 +179,7 @@ class Trainer:
             self.joint_optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
         )
         self.provenance: list[dict] = []
+        self.push_quality: dict | None = None  # prototype quality after the latest push (rank 0)
         train = splits.train
         self.num_samples = config.samples_per_epoch or len(train)
         self.eval_transform = EvalTransform(config.image_size)
@@ -347,6 +355,9 @@ class Trainer:
             self.model, dataset, self.device, batch_size=self.config.eval_batch_size,
             num_workers=self.config.num_workers, progress=self.progress, image_ids=self.splits.train.image_ids,
         )
+        if self.context.is_main:
+            # Collapse is visible the moment the prototypes are grounded: warn now, not after the run.
+            self.push_quality = push_quality(self.model, self.splits.train, self.config, self.device)
         if self.teacher is not None:
             # The teacher is an average of past students; push replaces the prototypes outright, so
             # the teacher takes the pushed ones too, or the alignment terms would compare similarity
@@ -358,20 +369,32 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, dataset) -> tuple[np.ndarray, np.ndarray]:
-        """Disease probabilities [N, C] and disease targets [N, C] for a base dataset."""
+    def predict(self, dataset, with_scores: bool = False) -> tuple[np.ndarray, ...]:
+        """Disease probabilities [N, C] and disease targets [N, C] for a base dataset (and with
+        ``with_scores`` the prototype scores [N, P])."""
         return predict(self.model, dataset, self.device, self.config.image_size, self.config.eval_batch_size,
-                       self.config.num_workers, self.progress, self.amp_dtype)
+                       self.config.num_workers, self.progress, self.amp_dtype, with_scores)
 
     def evaluate(self, dataset) -> dict:
         probabilities, targets = self.predict(dataset)
         return per_class_auc(targets, probabilities, dataset.disease_names)
 
 
+def push_quality(model: CIPL, train, config, device) -> dict:
+    """Right after a push: warn about collapsed classes, and log diversity and grounding (selectivity
+    needs held-out images; the final report adds it)."""
+    diversity = warn_if_collapsed(model, train.image_ids)
+    grounding = prototype_grounding(model, train, config.image_size, device, config.eval_batch_size)
+    report = quality_report(model, diversity, grounding, selectivity=None)
+    logger.info("prototype quality after push:\n%s", format_quality(report))
+    return report
+
+
 @torch.no_grad()
 def predict(model: CIPL, dataset, device, image_size: int, batch_size: int, num_workers: int = 0,
-            progress: bool = True, amp_dtype: torch.dtype | None = None):
-    """Disease probabilities [N, C] (in dataset order) and disease targets [N, C].
+            progress: bool = True, amp_dtype: torch.dtype | None = None, with_scores: bool = False):
+    """Disease probabilities [N, C] (in dataset order) and disease targets [N, C]; with ``with_scores``
+    also every prototype's score max_hw exp(-d/D) on every image [N, P] (for prototype selectivity).
 
     Under torchrun every rank predicts its own share of the images and the shares are gathered, so
     every rank returns the full, identical arrays."""
@@ -382,15 +405,22 @@ def predict(model: CIPL, dataset, device, image_size: int, batch_size: int, num_
         Subset(TransformedDataset(dataset, EvalTransform(image_size)), indices),
         batch_size=batch_size, shuffle=False, num_workers=num_workers,
     )
-    probabilities = [torch.zeros(0, dataset.num_classes - 1)]
+    width = dataset.num_classes - 1 + (model.num_prototypes if with_scores else 0)
+    rows = [torch.zeros(0, width)]
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
         with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(batch["image"].to(device)).logits
-        probabilities.append(disease_probabilities(logits.float()).cpu())
+            output = model(batch["image"].to(device))
+        row = disease_probabilities(output.logits.float())
+        if with_scores:
+            row = torch.cat([row, torch.exp(-output.min_distances.float() / model.prototype_dim)], dim=1)
+        rows.append(row.cpu())
     model.train(was_training)
-    local = torch.cat(probabilities)
+    local = torch.cat(rows)
     gathered = all_gather_objects((indices, local))
-    result = torch.zeros(len(dataset), dataset.num_classes - 1)
+    result = torch.zeros(len(dataset), width)
     for shard, values in gathered:
         result[shard] = values
-    return result.numpy(), dataset.targets[:, :-1]
+    probabilities = result[:, : dataset.num_classes - 1].numpy()
+    if with_scores:
+        return probabilities, dataset.targets[:, :-1], result[:, dataset.num_classes - 1 :].numpy()
+    return probabilities, dataset.targets[:, :-1]

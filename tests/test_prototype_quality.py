@@ -1,0 +1,158 @@
+"""Prototype quality (utils/prototype_quality.py): diversity and collapse, selectivity and grounding on
+hand-built examples whose answers are known, and the collapse warning after a push."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import EvalTransform, MultiLabelDataset
+from model import CIPL
+from utils import prototype_quality as pq
+
+
+# -- diversity and collapse --------------------------------------------------------------------------
+def test_diversity_counts_distinct_images_and_cells_per_class():
+    prototype_class = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    source_index = np.array([5, 6, 7, 8, 9, 10, 11, -1, 12, 12])  # prototype 7 not pushed; class 2 reuses image 12
+    locations = np.array([[3, 2], [3, 2], [3, 2], [0, 1],  # class 0: three of four on cell (3, 2)
+                          [0, 0], [1, 1], [2, 2], [0, 0],  # class 1: all different
+                          [4, 4], [4, 5]])
+    diversity = pq.prototype_diversity(prototype_class, source_index, locations, num_classes=4)
+    assert diversity["prototypes"].tolist() == [4, 3, 2, 0]
+    assert diversity["distinct_images"].tolist() == [4, 3, 1, 0]
+    assert diversity["distinct_locations"].tolist() == [2, 3, 2, 0]
+    assert diversity["most_on_one_location"].tolist() == [3, 1, 1, 0]
+    np.testing.assert_allclose(diversity["largest_location_share"], [0.75, 1 / 3, 0.5, 0.0])
+    # Collapse needs more than a quarter *and* at least two prototypes on one place.
+    assert diversity["location_collapsed"].tolist() == [True, False, False, False]
+    assert diversity["image_collapsed"].tolist() == [False, False, True, False]
+    assert diversity["location_site"][0] in (0, 1, 2)
+    assert diversity["image_site"][2] in (8, 9)
+
+
+def model_with_provenance(locations, sources, per_class=4):
+    model = CIPL(["A", "B", "No Finding"], backbone="tiny", prototype_dim=4, prototypes_per_class=per_class)
+    model.prototype_source_index.copy_(torch.as_tensor(sources))
+    model.prototype_source_location.copy_(torch.as_tensor(locations))
+    return model
+
+
+def test_collapse_warning_names_the_collapsed_class_and_stays_silent_for_a_healthy_model(caplog):
+    healthy_cells = [[r, c] for r in range(3) for c in range(4)]
+    sources = list(range(12))
+    healthy = model_with_provenance(healthy_cells, sources)
+    with caplog.at_level(logging.WARNING, logger="utils.prototype_quality"):
+        pq.warn_if_collapsed(healthy, [f"img{i}" for i in range(20)])
+    assert caplog.records == []
+
+    collapsed_cells = [[r, c] for r in range(3) for c in range(4)]
+    collapsed_cells[4:8] = [[3, 2], [3, 2], [3, 2], [0, 0]]  # class B: three of four on (3, 2)
+    collapsed = model_with_provenance(collapsed_cells, sources)
+    with caplog.at_level(logging.WARNING, logger="utils.prototype_quality"):
+        diversity = pq.warn_if_collapsed(collapsed, [f"img{i}" for i in range(20)])
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "\n" not in message
+    assert "B (3 of 4 on feature-map cell (3, 2))" in message and "A (" not in message
+    assert diversity["location_collapsed"].tolist() == [False, True, False]
+
+
+# -- selectivity -------------------------------------------------------------------------------------
+def test_selectivity_is_mean_score_with_the_class_minus_without_on_a_known_case():
+    scores = np.array([[0.9, 0.5], [0.7, 0.5], [0.2, 0.5], [0.4, 0.5]])  # prototype 1 fires on everything
+    targets = np.array([[1, 0], [1, 0], [0, 1], [0, 1]])
+    np.testing.assert_allclose(pq.prototype_selectivity(scores, targets, np.array([0, 0])), [0.8 - 0.3, 0.0])
+    # A class with no negatives has no selectivity.
+    assert np.isnan(pq.prototype_selectivity(scores, np.ones((4, 2)), np.array([0, 1]))).all()
+
+
+def test_selectivity_matches_a_loop_reference():
+    rng = np.random.default_rng(0)
+    scores = rng.random((30, 9))
+    targets = (rng.random((30, 4)) < 0.4).astype(np.float32)
+    prototype_class = rng.integers(0, 4, 9)
+    expected = []
+    for j in range(9):
+        with_class = [scores[n, j] for n in range(30) if targets[n, prototype_class[j]] > 0.5]
+        without = [scores[n, j] for n in range(30) if targets[n, prototype_class[j]] <= 0.5]
+        expected.append(np.mean(with_class) - np.mean(without))
+    np.testing.assert_allclose(pq.prototype_selectivity(scores, targets, prototype_class), expected)
+
+
+# -- grounding ---------------------------------------------------------------------------------------
+def test_grounding_scores_take_the_best_box_and_the_cell_centre():
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 10, 10], [0, 0, 4, 4]], dtype=float)
+    points = np.array([[5.0, 5.0], [50.0, 50.0], [2.0, 2.0]])
+    truth = np.array([[40, 40, 5, 5], [0, 0, 10, 6], [0, 0, 100, 100]], dtype=float)
+    owner = np.array([0, 0, 1])  # prototype 2 owns no box
+    iobb, inside = pq.grounding_scores(boxes, points, truth, owner, 3)
+    np.testing.assert_allclose(iobb, [0.6, 1.0, 0.0])
+    assert inside.tolist() == [True, True, False]
+
+
+class TwoBoxImages(MultiLabelDataset):
+    """Images of 100 x 200 (H x W): image 0 has a large A box on the right, image 1 only a small B box."""
+
+    def __init__(self):
+        self.class_names = ["A", "B", "No Finding"]
+        self.image_ids = ["zero", "one", "two"]
+        self.targets = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=np.float32)
+        self.boxes = {0: [(0, 80.0, 20.0, 120.0, 60.0)], 1: [(1, 50.0, 65.0, 20.0, 10.0)]}
+
+    def load_image(self, index):
+        return np.zeros((100, 200), np.uint8)
+
+
+def test_grounding_on_hand_built_maps(monkeypatch):
+    """Image frame 100 x 200 scaled to a 50 x 50 model frame; maps are 5 x 5 (cells of 10 x 10 px).
+    Image 0's A box (x 80-200, y 20-80) becomes x 20-50, y 10-40: cells (1..3, 2..4). Image 1's B box
+    (x 50-70, y 65-75) becomes x 12.5-17.5, y 32.5-37.5: the middle of cell (3, 1), much smaller than
+    the high-activation box of a map peaked there, so it is not grounded although the prototype sits
+    on it (at_lesion)."""
+    model = CIPL(["A", "B", "No Finding"], backbone="tiny", prototype_dim=4, prototypes_per_class=2)
+    # Prototypes 0, 1: A; 2, 3: B; 4, 5: No Finding. Prototype 1 sits on image 1, which has no A box.
+    model.prototype_source_index.copy_(torch.tensor([0, 1, 1, 1, 2, 2]))
+    model.prototype_source_location.copy_(torch.tensor([[2, 3], [0, 0], [3, 1], [4, 4], [1, 1], [3, 3]]))
+    peaks = {0: (2, 3), 2: (3, 1), 3: (0, 4)}  # 0 and 2 light up their lesion, 3 lights up elsewhere
+
+    def fake_maps(model, dataset, prototypes, image_size, device, batch_size=32):
+        maps = torch.zeros(len(prototypes), 5, 5, dtype=torch.float64)
+        for slot, prototype in enumerate(prototypes):
+            row, col = peaks.get(int(prototype), (0, 0))
+            maps[slot, row, col] = 1.0
+        return maps
+
+    monkeypatch.setattr(pq, "source_similarity_maps", fake_maps)
+    grounding = pq.prototype_grounding(model, TwoBoxImages(), 50, "cpu")
+    assert grounding["evaluable"].tolist() == [True, False, True, True, False, False]  # NF never counts
+    assert grounding["grounded"].tolist() == [True, False, False, False, False, False]
+    assert grounding["at_lesion"].tolist() == [True, False, True, False, False, False]
+    assert grounding["iobb"][0] == pytest.approx(1.0) and grounding["iobb"][3] == 0.0 and np.isnan(grounding["iobb"][1])
+    assert 0.0 < grounding["iobb"][2] < 0.5
+
+    report = pq.quality_report(model, pq.model_diversity(model), grounding, selectivity=None)
+    assert report["per_class"]["A"]["grounded"] == 1.0 and report["per_class"]["A"]["grounding_evaluable"] == 1
+    assert report["per_class"]["B"]["grounded"] == 0.0 and report["per_class"]["B"]["at_lesion"] == 0.5
+    assert "grounded" not in report["per_class"]["No Finding"]
+    assert report["overall"]["grounded"] == pytest.approx(1 / 3) and report["overall"]["at_lesion"] == pytest.approx(2 / 3)
+
+
+def test_grounding_is_absent_without_boxes():
+    dataset = TwoBoxImages()
+    dataset.boxes = {}
+    model = CIPL(["A", "B", "No Finding"], backbone="tiny", prototype_dim=4, prototypes_per_class=2)
+    assert pq.prototype_grounding(model, dataset, 50, "cpu") is None
+
+
+def test_source_similarity_maps_are_each_prototypes_map_on_its_own_image():
+    torch.manual_seed(0)
+    model = CIPL(["A", "B", "No Finding"], backbone="tiny", prototype_dim=4, prototypes_per_class=2).eval()
+    dataset = TwoBoxImages()
+    dataset.load_image = lambda index: (np.arange(100 * 200).reshape(100, 200) * (index + 1) % 251).astype(np.uint8)
+    model.prototype_source_index.copy_(torch.tensor([1, 0, 2, 1, 0, 2]))
+    maps = pq.source_similarity_maps(model, dataset, np.array([0, 1, 3]), 64, "cpu")
+    with torch.no_grad():
+        images = torch.stack([EvalTransform(64)(dataset.load_image(i)) for i in (1, 0, 1)])
+        expected = model(images).similarity_maps[torch.arange(3), torch.tensor([0, 1, 3])].double()
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,331 @@
+"""Prototype quality: do the prototypes mean something? (METHOD.md, "Decisions": reported next to AUC.)
+
+A model can score a good AUC while its explanation is worthless: every prototype pushed onto the same
+corner cell, or every prototype matching every image equally. Three figures catch that, per class and
+overall:
+
+* **diversity** -- distinct source images and distinct feature-map locations among a class's pushed
+  prototypes. A class *collapses* when one location or one source image holds more than a quarter of
+  its prototypes (and at least two of them): its prototypes are copies of one patch, not a vocabulary.
+* **grounding** -- the share of disease prototypes whose high-activation box on their own source image
+  (95th percentile of the upsampled similarity map, connected component of the maximum; the box the
+  galleries draw) overlaps a ground-truth box of the prototype's class with IoBB >= 0.5. Only where the
+  training split has boxes; prototypes whose source image has no box of their class are not counted.
+  ``at_lesion`` is the stricter companion: the pushed feature-map cell's centre lies inside such a box.
+* **selectivity** -- per prototype, its mean score max_hw exp(-d/D) on images *with* its class minus on
+  images *without* it. A prototype that fires on everything scores ~0.
+
+Everything here is batched array code; the functions take plain arrays so each can be checked on a
+hand-built example (tests/test_prototype_quality.py).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from datasets import EvalTransform, TransformedDataset
+from utils.localisation import box_iobb, high_activation_boxes, points_in_boxes
+
+logger = logging.getLogger(__name__)
+
+COLLAPSE_SHARE = 0.25  # more than this share of a class's prototypes on one location or image
+GROUNDING_IOBB = 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Diversity and collapse
+# ----------------------------------------------------------------------------------------------
+def _largest_group(class_of: np.ndarray, key: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: number of distinct keys, size of the largest group of equal keys, and that key's index
+    into ``key`` (first member; -1 for a class without members). ``key`` is [n] or [n, d]."""
+    if len(class_of) == 0:
+        return np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64), np.full(num_classes, -1, np.int64)
+    rows = np.column_stack([class_of, key.reshape(len(class_of), -1)])
+    unique, first, counts = np.unique(rows, axis=0, return_index=True, return_counts=True)
+    distinct = np.bincount(unique[:, 0], minlength=num_classes)
+    largest = np.zeros(num_classes, np.int64)
+    np.maximum.at(largest, unique[:, 0], counts)
+    # The first group (in sorted order) that reaches the class's largest size names the collapse site.
+    is_largest = counts == largest[unique[:, 0]]
+    site = np.full(num_classes, -1, np.int64)
+    order = np.flatnonzero(is_largest)[::-1]  # reversed, so the first such group is written last
+    site[unique[order, 0]] = first[order]
+    return distinct, largest, site
+
+
+def _prototype_of(site: np.ndarray, pushed: np.ndarray) -> np.ndarray:
+    """Positions among the pushed prototypes -> prototype indices (-1 stays -1)."""
+    if len(pushed) == 0:
+        return site
+    return np.where(site >= 0, pushed[np.maximum(site, 0)], -1)
+
+
+def prototype_diversity(prototype_class: np.ndarray, source_index: np.ndarray, source_location: np.ndarray,
+                        num_classes: int) -> dict[str, np.ndarray]:
+    """Per class (arrays [K]): pushed prototypes, distinct source images and locations, the largest
+    number on one image / one location, the shares they make, and whether the class collapsed.
+
+    prototype_class [P] int, source_index [P] int (-1 = not pushed), source_location [P, 2] (row, col).
+    ``location_site`` / ``image_site`` give a prototype index on the most crowded location / image.
+    """
+    prototype_class = np.asarray(prototype_class, np.int64)
+    source_index = np.asarray(source_index, np.int64)
+    source_location = np.asarray(source_location, np.int64).reshape(-1, 2)
+    pushed = np.flatnonzero(source_index >= 0)
+    classes = prototype_class[pushed]
+    count = np.bincount(classes, minlength=num_classes)
+    images, on_one_image, image_site = _largest_group(classes, source_index[pushed], num_classes)
+    locations, on_one_location, location_site = _largest_group(classes, source_location[pushed], num_classes)
+    safe = np.maximum(count, 1)
+    image_share = on_one_image / safe
+    location_share = on_one_location / safe
+
+    def collapsed(largest: np.ndarray, share: np.ndarray) -> np.ndarray:
+        return (largest >= 2) & (share > COLLAPSE_SHARE)
+
+    return dict(
+        prototypes=count,
+        distinct_images=images,
+        distinct_locations=locations,
+        most_on_one_image=on_one_image,
+        most_on_one_location=on_one_location,
+        largest_image_share=image_share,
+        largest_location_share=location_share,
+        image_collapsed=collapsed(on_one_image, image_share),
+        location_collapsed=collapsed(on_one_location, location_share),
+        image_site=_prototype_of(image_site, pushed),
+        location_site=_prototype_of(location_site, pushed),
+    )
+
+
+def collapse_message(diversity: dict[str, np.ndarray], class_names: list[str], source_location: np.ndarray,
+                     image_ids: list[str] | None, source_index: np.ndarray) -> str | None:
+    """One line naming every collapsed class and where its prototypes pile up; None if none did."""
+    parts = []
+    for class_index in np.flatnonzero(diversity["location_collapsed"] | diversity["image_collapsed"]):
+        total = int(diversity["prototypes"][class_index])
+        details = []
+        if diversity["location_collapsed"][class_index]:
+            row, col = (int(v) for v in source_location[diversity["location_site"][class_index]])
+            details.append(f"{int(diversity['most_on_one_location'][class_index])} of {total} on feature-map cell ({row}, {col})")
+        if diversity["image_collapsed"][class_index]:
+            index = int(source_index[diversity["image_site"][class_index]])
+            name = image_ids[index] if image_ids is not None else f"training image {index}"
+            details.append(f"{int(diversity['most_on_one_image'][class_index])} of {total} on {name}")
+        parts.append(f"{class_names[class_index]} ({', '.join(details)})")
+    if not parts:
+        return None
+    return (f"prototypes collapsed in {len(parts)} of {len(class_names)} classes: " + "; ".join(parts)
+            + ". They copy one patch instead of learning the class; see README 'Prototype quality'.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Selectivity
+# ----------------------------------------------------------------------------------------------
+def prototype_selectivity(scores: np.ndarray, targets: np.ndarray, prototype_class: np.ndarray) -> np.ndarray:
+    """Per prototype: mean score on images of its class minus mean score on the other images.
+
+    scores [N, P] (max similarity of each prototype on each image), targets [N, K] multi-hot,
+    prototype_class [P] -> [P]; NaN where the images include no positive or no negative of the class.
+    """
+    scores = np.asarray(scores, np.float64)
+    positive = np.asarray(targets)[:, np.asarray(prototype_class, np.int64)] > 0.5  # [N, P]
+    negative = ~positive
+    positives, negatives = positive.sum(axis=0), negative.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        on_positive = (scores * positive).sum(axis=0) / positives
+        on_negative = (scores * negative).sum(axis=0) / negatives
+    return np.where((positives > 0) & (negatives > 0), on_positive - on_negative, np.nan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grounding
+# ----------------------------------------------------------------------------------------------
+def grounding_scores(boxes: np.ndarray, points: np.ndarray, truth: np.ndarray, owner: np.ndarray,
+                     count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best IoBB of each prototype's high-activation box over the truth boxes it owns, and whether its
+    pushed cell centre falls in any of them.
+
+    boxes [n, 4] (x, y, w, h), points [n, 2] (y, x), truth [G, 4], owner [G] in 0..n-1 -> ([n], [n] bool);
+    a prototype owning no truth box gets IoBB 0 and False.
+    """
+    best = np.zeros(count)
+    inside = np.zeros(count, dtype=bool)
+    if len(truth):
+        np.maximum.at(best, owner, box_iobb(boxes[owner], truth))
+        np.logical_or.at(inside, owner, points_in_boxes(points[owner], truth))
+    return best, inside
+
+
+@torch.no_grad()
+def source_similarity_maps(model, dataset, prototypes: np.ndarray, image_size: int, device, batch_size: int = 32) -> torch.Tensor:
+    """Each prototype's similarity map exp(-d/D) on its own source image, at feature-map resolution:
+    [len(prototypes), h, w] (float64). The source images are read and run through the network once."""
+    source = model.prototype_source_index.cpu().numpy()[prototypes]
+    unique, inverse = np.unique(source, return_inverse=True)
+    loader = DataLoader(Subset(TransformedDataset(dataset, EvalTransform(image_size)), unique.tolist()),
+                        batch_size=batch_size, shuffle=False)
+    was_training = model.training
+    model.eval()
+    try:
+        features = torch.cat([model.extract_features(batch["image"].to(device)).double() for batch in loader])
+    finally:
+        model.train(was_training)
+    vectors = model.prototypes.detach()[torch.as_tensor(prototypes, device=device)].double()  # [q, D]
+    own = features[torch.as_tensor(inverse, device=features.device)]  # [q, D, h, w]
+    distances = (own - vectors[:, :, None, None].to(own.device)).pow(2).sum(dim=1)
+    return torch.exp(-distances / model.prototype_dim)
+
+
+def prototype_grounding(model, dataset, image_size: int, device, batch_size: int = 32) -> dict[str, np.ndarray] | None:
+    """Grounding of every pushed disease prototype whose source image has a box of its class.
+
+    Returns arrays [P]: ``evaluable`` (bool), ``iobb`` (best IoBB, NaN where not evaluable),
+    ``grounded`` (IoBB >= 0.5) and ``at_lesion`` (pushed cell centre inside a box); None when the
+    dataset has no boxes at all. Boxes are scaled from the image's own pixels into the model's
+    image_size x image_size frame, where the maps live.
+    """
+    boxes_of = getattr(dataset, "boxes", None) or {}
+    if not boxes_of:
+        return None
+    num_prototypes = model.num_prototypes
+    source = model.prototype_source_index.cpu().numpy()
+    classes = model.prototype_class.cpu().numpy()
+    location = model.prototype_source_location.cpu().numpy()
+    disease = (source >= 0) & (classes != model.no_finding_index)
+    truth, owner = [], []
+    evaluable = np.zeros(num_prototypes, dtype=bool)
+    chosen = np.flatnonzero(disease)
+    shapes = {}
+    for slot, prototype in enumerate(chosen):  # a few hundred records; gathers boxes, no tensor work
+        index = int(source[prototype])
+        own = [box[1:] for box in boxes_of.get(index, []) if int(box[0]) == classes[prototype]]
+        if not own:
+            continue
+        if index not in shapes:
+            shapes[index] = dataset.load_image(index).shape[:2]
+        height, width = shapes[index]
+        scale = np.array([image_size / width, image_size / height, image_size / width, image_size / height])
+        evaluable[prototype] = True
+        truth.extend(np.asarray(box, np.float64) * scale for box in own)
+        owner.extend([slot] * len(own))
+    result = dict(evaluable=evaluable, iobb=np.full(num_prototypes, np.nan),
+                  grounded=np.zeros(num_prototypes, bool), at_lesion=np.zeros(num_prototypes, bool))
+    if not evaluable.any():
+        return result
+    maps = source_similarity_maps(model, dataset, chosen, image_size, device, batch_size)
+    upsampled = F.interpolate(maps.unsqueeze(1), size=(image_size, image_size), mode="bilinear",
+                              align_corners=False).squeeze(1)
+    high_boxes = high_activation_boxes(upsampled.cpu().numpy())
+    height, width = maps.shape[-2:]
+    points = (location[chosen] + 0.5) * np.array([image_size / height, image_size / width])
+    iobb, inside = grounding_scores(high_boxes, points, np.asarray(truth).reshape(-1, 4), np.asarray(owner, np.int64),
+                                    len(chosen))
+    keep = evaluable[chosen]
+    result["iobb"][chosen[keep]] = iobb[keep]
+    result["grounded"][chosen[keep]] = iobb[keep] >= GROUNDING_IOBB
+    result["at_lesion"][chosen[keep]] = inside[keep]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+def _mean_or_none(values: np.ndarray) -> float | None:
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def quality_report(model, diversity: dict, grounding: dict | None, selectivity: np.ndarray | None) -> dict:
+    """The ``prototypes`` section of results.json / prototypes.json: per class and overall."""
+    classes = model.prototype_class.cpu().numpy()
+    disease = classes != model.no_finding_index
+    per_class = {}
+    for class_index, name in enumerate(model.class_names):
+        members = classes == class_index
+        entry = dict(
+            prototypes=int(diversity["prototypes"][class_index]),
+            distinct_images=int(diversity["distinct_images"][class_index]),
+            distinct_locations=int(diversity["distinct_locations"][class_index]),
+            largest_location_share=float(diversity["largest_location_share"][class_index]),
+            largest_image_share=float(diversity["largest_image_share"][class_index]),
+            collapsed=bool(diversity["location_collapsed"][class_index] or diversity["image_collapsed"][class_index]),
+        )
+        if grounding is not None and class_index != model.no_finding_index:
+            evaluable = members & grounding["evaluable"]
+            entry["grounding_evaluable"] = int(evaluable.sum())
+            entry["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
+            entry["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
+            entry["mean_iobb"] = _mean_or_none(grounding["iobb"][evaluable])
+        if selectivity is not None:
+            entry["selectivity"] = _mean_or_none(selectivity[members])
+        per_class[name] = entry
+    pushed = int(diversity["prototypes"].sum())
+    overall = dict(
+        prototypes=int(len(classes)),
+        pushed=pushed,
+        collapsed_classes=[name for name, entry in per_class.items() if entry["collapsed"]],
+        largest_location_share=float(diversity["largest_location_share"].max()) if pushed else None,
+        largest_image_share=float(diversity["largest_image_share"].max()) if pushed else None,
+        mean_distinct_locations_share=_mean_or_none(
+            diversity["distinct_locations"][diversity["prototypes"] > 0] / diversity["prototypes"][diversity["prototypes"] > 0]),
+    )
+    if grounding is not None:
+        evaluable = disease & grounding["evaluable"]
+        overall["grounding_evaluable"] = int(evaluable.sum())
+        overall["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
+        overall["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
+    if selectivity is not None:
+        overall["selectivity"] = _mean_or_none(selectivity[disease])
+        overall["selectivity_no_finding"] = _mean_or_none(selectivity[~disease])
+    return dict(per_class=per_class, overall=overall)
+
+
+def model_diversity(model) -> dict[str, np.ndarray]:
+    return prototype_diversity(model.prototype_class.cpu().numpy(), model.prototype_source_index.cpu().numpy(),
+                               model.prototype_source_location.cpu().numpy(), model.num_classes)
+
+
+def warn_if_collapsed(model, image_ids: list[str] | None = None) -> dict[str, np.ndarray]:
+    """After a push: log one warning line naming every collapsed class; returns the diversity arrays."""
+    diversity = model_diversity(model)
+    message = collapse_message(diversity, model.class_names, model.prototype_source_location.cpu().numpy(),
+                               image_ids, model.prototype_source_index.cpu().numpy())
+    if message:
+        logger.warning("%s", message)
+    return diversity
+
+
+def evaluate_prototype_quality(model, train, image_size: int, device, batch_size: int = 32,
+                               test_scores: np.ndarray | None = None, test_targets: np.ndarray | None = None) -> dict:
+    """The whole ``prototypes`` section: diversity and grounding from the training split the prototypes
+    were pushed onto, selectivity from held-out images' scores [N, P] and targets [N, K] when given."""
+    diversity = model_diversity(model)
+    grounding = prototype_grounding(model, train, image_size, device, batch_size)
+    selectivity = None
+    if test_scores is not None and test_targets is not None:
+        selectivity = prototype_selectivity(test_scores, test_targets, model.prototype_class.cpu().numpy())
+    return quality_report(model, diversity, grounding, selectivity)
+
+
+def format_quality(report: dict) -> str:
+    """The prototype-quality figures as a small fixed-width table for the log."""
+    lines = [f"{'class':<16} {'n':>3} {'images':>6} {'cells':>5} {'top cell':>8} {'grounded':>8} {'at lesion':>9} {'select':>7}"]
+
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for name, entry in report["per_class"].items():
+        lines.append(f"{name[:16]:<16} {entry['prototypes']:>3} {entry['distinct_images']:>6} {entry['distinct_locations']:>5} "
+                     f"{entry['largest_location_share']:>8.2f} {number(entry.get('grounded')):>8} "
+                     f"{number(entry.get('at_lesion')):>9} {number(entry.get('selectivity')):>7}")
+    overall = report["overall"]
+    lines.append(f"overall: grounded {number(overall.get('grounded'))}, at lesion {number(overall.get('at_lesion'))}, "
+                 f"selectivity {number(overall.get('selectivity'))}, collapsed classes: "
+                 f"{', '.join(overall['collapsed_classes']) or 'none'}")
+    return "\n".join(lines)

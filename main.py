@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from datasets import DataError, build_datasets
 from model import PretrainedWeightsUnavailable, build_model
-from settings import RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config
+from settings import (
+    PRESETS, RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config, validate,
+)
 from utils.checkpoint import (
     CheckpointError, atomic_write_json, atomic_write_text, check_compatible, load_checkpoint, restore_rng_state, rng_state,
     save_checkpoint,
@@ -43,17 +45,32 @@ METRIC_COLUMNS = (
 USER_ERRORS = (DataError, CheckpointError, PretrainedWeightsUnavailable, TrainingDiverged, ValueError, FileNotFoundError)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(preset: str = "synthetic") -> argparse.ArgumentParser:
+    """The command line; its help shows ``preset``'s defaults (see :func:`parse_args`)."""
     parser = argparse.ArgumentParser(
+        usage="%(prog)s [--preset {synthetic,nih,odir}] [options]",
         description="Train and test CIPL (Cross- and Intra-image Prototypical Learning).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"Defaults shown are those of --preset {preset}; give --preset NAME before --help to see another "
+               f"preset's. Every option but those of main.py itself is a field of Config in settings.py.",
     )
-    parser.add_argument("--resume", default="", help="run directory or checkpoint to continue from")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val and test splits")
-    parser.add_argument("--checkpoint", default="", help="checkpoint to evaluate with --eval-only")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    add_config_arguments(parser)
+    groups = add_config_arguments(parser, preset)
+    run = groups["run"]
+    run.add_argument("--resume", default="", metavar="RUN",
+                     help="continue the run in this directory (or from this checkpoint file) exactly where it stopped")
+    run.add_argument("--eval-only", action="store_true",
+                     help="evaluate --checkpoint instead of training, on its own validation and test splits")
+    run.add_argument("--checkpoint", default="", metavar="FILE",
+                     help="checkpoint to evaluate with --eval-only (a .pt file, or a run directory for its last.pt)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars, log lines only (for batch jobs)")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; a first look for --preset lets --help show that preset's defaults."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--preset", default="synthetic")
+    preset = early.parse_known_args(argv)[0].preset
+    return get_args_parser(preset if preset in PRESETS else "synthetic").parse_args(argv)
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -82,12 +99,15 @@ def setup_logging(log_file: Path | None = None) -> None:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = config_overrides(args)
-    return preset_config(overrides.pop("preset", "synthetic"), **overrides)
+    config = preset_config(overrides.pop("preset", "synthetic"), **overrides)
+    validate(config)
+    return config
 
 
 def config_for_resume(state: dict, args: argparse.Namespace, training: bool = True) -> Config:
-    """The checkpoint's configuration with the command line's runtime overrides. ``training``: the
-    checkpoint must also carry what resuming needs (evaluation needs only config and model)."""
+    """The checkpoint's configuration with the command line's runtime overrides, validated.
+    ``training``: the checkpoint must also carry what resuming needs (evaluation needs only config
+    and model)."""
     needed = ("config", "model", "next_stage", "rng", "best") if training else ("config", "model")
     missing = [key for key in needed if key not in state]
     if missing:
@@ -99,6 +119,7 @@ def config_for_resume(state: dict, args: argparse.Namespace, training: bool = Tr
             setattr(config, name, value)
         elif getattr(config, name) != value:
             raise ValueError(f"{option_name(name)} cannot change when resuming (the run has {getattr(config, name)!r})")
+    validate(config)
     return config
 
 
@@ -143,6 +164,7 @@ def build_datasets_once_per_node(config: Config, context):
 
 def train(config: Config, resume_state: dict | None = None, progress: bool = True) -> Path:
     """Run (or continue) the whole schedule; returns the run directory."""
+    validate(config)
     context = current_context()
     run_dir, problem = None, None
     if context.is_main:  # rank 0 names the run directory; the other ranks take its word
@@ -278,7 +300,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     context = init_distributed_mode(config_overrides(args).get("device", "auto"))
     setup_logging()
     if not context.is_main:  # under torchrun only rank 0 reports progress

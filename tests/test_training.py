@@ -166,11 +166,12 @@ def test_eval_only_writes_results(config_factory, tmp_path):
 
 def test_cli_builds_config_from_preset_and_flags():
     args = main.get_args_parser().parse_args(
-        ["--preset", "nih", "--epochs", "3", "--push-epochs", "1", "2", "--no-cross-image", "--lr-backbone", "0.5"]
+        ["--preset", "nih", "--epochs", "3", "--warmup-epochs", "1", "--push-epochs", "1", "2", "--no-cross-image",
+         "--lr-backbone", "0.5"]
     )
     config = main.resolve_config(args)
     assert config.dataset == "nih" and config.backbone == "densenet121" and config.prototypes_per_class == 50
-    assert config.epochs == 3 and config.push_epochs == (1, 2) and config.cross_image is False
+    assert config.epochs == 3 and config.warmup_epochs == 1 and config.push_epochs == (1, 2) and config.cross_image is False
     assert config.lr_backbone == 0.5 and config.interpretation_alignment is True
 
 

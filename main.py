@@ -207,10 +207,11 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
     for stage_index in range(start, stop):
         stage = schedule[stage_index]
         began = time.perf_counter()
+        rates = trainer.learning_rates()  # the rates this stage trains with; the scheduler steps at its end
         terms = trainer.run_stage(stage, stage_index)
         validation = trainer.evaluate(splits.val)
         row = dict(stage_index=stage_index, stage=stage.kind, epoch=stage.epoch, val_mean_auc=validation["mean_auc"],
-                   **terms, **trainer.learning_rates(), seconds=round(time.perf_counter() - began, 2))
+                   **terms, **rates, seconds=round(time.perf_counter() - began, 2))
         if metrics is not None:
             metrics.append(row)
         logger.info("%s: loss %s, val mean AUC %.4f", stage.name,

@@ -42,6 +42,8 @@ def test_full_run_writes_the_output_contract(config_factory):
     assert {"classification", "cluster", "separation", "cross_image", "interpretation", "prediction",
             "val_mean_auc", "lr_backbone", "lr_last_layer"} <= set(rows[0])
     assert rows[-1]["stage"] == "last_layer" and rows[1]["cross_image"] != ""
+    # Each row shows the rates its stage trained with: lr_milestones (2,) halves them from epoch 2 on.
+    assert [float(row["lr_backbone"]) for row in rows[:3]] == pytest.approx([config.lr_backbone] * 2 + [config.lr_backbone / 2])
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["backbone"] == "tiny" and saved["push_epochs"] == [2, 3]
 

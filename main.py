@@ -5,8 +5,8 @@
     python main.py --resume runs/RUN                 # continue an interrupted run exactly
     python main.py --eval-only --checkpoint runs/RUN/checkpoints/best.pt
 
-A run directory holds config.json, log.txt, metrics.csv, checkpoints/{last,best}.pt and, once the
-schedule is complete, results.json with validation and test AUCs of the best (validation) model.
+A run directory holds config.json, log.txt, metrics.csv, checkpoints/{last,best}.pt, tensorboard/ and,
+once the schedule is complete, results.json with validation and test AUCs of the best (validation) model.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
 from utils.plots import write_report_plots
 from utils.sources import dataset_scores
+from utils.tensorboard_log import TensorBoardLog, require_tensorboard
 from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, resolve_device, seed_everything
 
 logger = logging.getLogger("cipl")
@@ -166,6 +167,8 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
     """Run (or continue) the whole schedule; returns the run directory."""
     validate(config)
     context = current_context()
+    if config.tensorboard and context.is_main:
+        require_tensorboard()
     run_dir, problem = None, None
     if context.is_main:  # rank 0 names the run directory; the other ranks take its word
         if resume_state is not None:
@@ -200,6 +203,11 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
         start, best = resume_state["next_stage"], resume_state["best"]
         logger.info("resuming at stage %d of %d", start, len(schedule))
     metrics = MetricsLog(run_dir / "metrics.csv", keep_below=start) if context.is_main else None
+    # A resumed run drops what an interrupted invocation logged after its checkpoint (purge_step).
+    board = trainer.board = TensorBoardLog(
+        run_dir / "tensorboard" if context.is_main and config.tensorboard else None,
+        purge_step=trainer.global_step + 1 if resume_state is not None else None,
+    )
     pushes_scheduled = any(stage.kind == "push" for stage in schedule)
 
     best_model = None
@@ -214,6 +222,11 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
                    **terms, **rates, seconds=round(time.perf_counter() - began, 2))
         if metrics is not None:
             metrics.append(row)
+        if stage.kind == "push":
+            with local_only():  # rank 0 draws the galleries alone
+                board.log_push(trainer.model, splits.train, trainer.provenance, config.image_size, trainer.global_step,
+                               batch_size=min(config.eval_batch_size, 16))
+        board.log_stage(terms, validation, rates, trainer.global_step)
         logger.info("%s: loss %s, val mean AUC %.4f", stage.name,
                     f"{terms['loss']:.4f}" if "loss" in terms else "-", validation["mean_auc"])
 
@@ -228,14 +241,17 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
             logger.info("new best model (val mean AUC %.4f)", validation["mean_auc"])
         if context.is_main:
             save_checkpoint(run_dir / "checkpoints" / "last.pt", dict(state, best=best))
+        board.flush()  # what the checkpoint covers is on disk
         barrier()
 
     if stop < len(schedule):
         logger.info("stopped after %d of %d stages (--max-stages); continue with --resume %s", stop, len(schedule), run_dir)
+        board.close()
         return run_dir
     if best_model is None and best["stage_index"] is not None:  # resumed after the best was saved
         best_model = broadcast_object(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"] if context.is_main else None)
     final_report(trainer, splits, run_dir, best, best_model)
+    board.close()
     return run_dir
 
 
@@ -268,6 +284,8 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
                     best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
         logger.info("wrote %s", run_dir / "results.json")
         write_report_plots(*test_predictions, splits.test.disease_names, run_dir, run_dir / "metrics.csv")
+        if trainer.board is not None:
+            trainer.board.log_final(results, run_dir / "roc.png", trainer.global_step)
     return results
 
 

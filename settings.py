@@ -116,6 +116,10 @@ class Config:
     localisation_threshold: float = 0.5  # evidence map -> box: share of the min-max normalised map
     gradcam_layer: str = "backbone"  # Grad-CAM target layer: backbone (last conv block) | add_on
 
+    # --- monitoring -------------------------------------------------------------------------
+    tensorboard: bool = True  # write TensorBoard event files under RUN/tensorboard/
+    log_every: int = 50  # optimizer steps between the running means of the losses in TensorBoard
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -174,7 +178,7 @@ def preset_config(name: str, **overrides) -> Config:
 # Validation: every field's rule, checked before a run creates anything
 # ----------------------------------------------------------------------------------------------
 POSITIVE_INTS = ("epochs", "batch_size", "eval_batch_size", "prototype_dim", "prototypes_per_class",
-                 "synthetic_train_size", "synthetic_val_size", "synthetic_test_size")
+                 "synthetic_train_size", "synthetic_val_size", "synthetic_test_size", "log_every")
 NON_NEGATIVE_INTS = ("seed", "split_seed", "num_workers", "samples_per_epoch", "warmup_epochs", "last_layer_epochs",
                      "max_stages", "decode_threads")
 NON_NEGATIVE_FLOATS = ("lr_backbone", "lr_add_on", "lr_prototypes", "lr_last_layer", "weight_decay",
@@ -296,11 +300,14 @@ _HELP = {
     # run
     "preset": "named starting point that fills in every option not given: synthetic (built-in data, CPU-friendly), "
               "nih or odir (the paper's settings); --help shows the defaults of the preset on the same command line",
-    "out_dir": "run directory for config.json, log.txt, metrics.csv, checkpoints/ and results "
+    "out_dir": "run directory for config.json, log.txt, metrics.csv, checkpoints/, tensorboard/ and results "
                "(default runs/<preset>-<timestamp>)",
     "seed": "one random seed for the initial weights, the sampling and the augmentation (0 or more)",
     "max_stages": "stop after this many schedule stages (warm-up/paired/push/last-layer epochs), then continue "
                   "later with --resume; for time-limited jobs (0 = run the whole schedule)",
+    "tensorboard": "write TensorBoard event files under RUN/tensorboard/ (losses, learning rates, AUCs, push "
+                   "galleries); view with: tensorboard --logdir runs",
+    "log_every": "optimizer steps between two running means of the loss terms in TensorBoard",
     # data
     "dataset": "data source: synthetic (built in), nih (ChestX-ray14), odir (fundus photos) or csv (any "
                "multi-label set described by CSV files)",
@@ -416,7 +423,7 @@ _HELP = {
 
 # The option groups of --help, in this order; every Config field is in exactly one.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
-    "run": ("preset", "out_dir", "seed", "max_stages"),
+    "run": ("preset", "out_dir", "seed", "max_stages", "tensorboard", "log_every"),
     "data": (
         "dataset", "data_root", "train_csv", "val_csv", "test_csv", "image_root", "image_column", "label_column",
         "patient_column", "classes", "uncertain_label", "boxes", "val_fraction", "split_seed", "odir_test_sets",
@@ -534,4 +541,5 @@ def load_config(path: str | Path) -> Config:
 RUNTIME_FIELDS = frozenset({
     "device", "num_workers", "max_stages", "out_dir", "data_root", "eval_batch_size", "amp", "channels_last", "compile",
     "cache", "cache_dir", "verify_images", "decode_threads", "image_root", "localisation_threshold", "gradcam_layer",
+    "tensorboard", "log_every",
 })

@@ -69,6 +69,7 @@ BAD_VALUES = [
     (["--prototypes-per-class", "0"], "--prototypes-per-class 0"),
     (["--prototype-dim", "0"], "--prototype-dim 0"),
     (["--synthetic-train-size", "0"], "--synthetic-train-size 0"),
+    (["--log-every", "0"], "--log-every 0"),
     (["--samples-per-epoch", "-1"], "--samples-per-epoch -1 must be 0 or more"),
     (["--num-workers", "-1"], "--num-workers -1"),
     (["--seed", "-1"], "--seed -1"),

@@ -86,6 +86,7 @@ def test_different_seed_different_weights(config_factory):
     wa = load_checkpoint(a)["model"]["prototypes"]
     wb = load_checkpoint(b)["model"]["prototypes"]
     assert not torch.equal(wa, wb)
+    assert not (a / "tensorboard").exists()  # tensorboard=False (tests/conftest.py) writes no event files
 
 
 def test_nan_loss_stops_with_stage_epoch_step_and_keeps_last_checkpoint(config_factory, monkeypatch, capsys):

@@ -4,6 +4,7 @@
     python main.py --preset nih --data-root DIR      # the paper's NIH ChestX-ray14 setting
     python main.py --resume runs/RUN                 # continue an interrupted run exactly
     python main.py --eval-only --checkpoint runs/RUN/checkpoints/best.pt
+    python main.py --preset nih --data-root DIR --dry-run   # the plan, after the pre-flight checks
 
 A run directory holds config.json, log.txt, metrics.csv, checkpoints/{last,best}.pt, tensorboard/ and,
 once the schedule is complete, results.json with validation and test AUCs of the best (validation) model.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import logging
 import sys
@@ -30,6 +32,7 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.distributed import all_gather_objects, barrier, broadcast_object, current_context, destroy, init_distributed_mode, local_only
+from utils.dry_run import describe
 from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
 from utils.plots import write_report_plots
@@ -62,6 +65,9 @@ def get_args_parser(preset: str = "synthetic") -> argparse.ArgumentParser:
                      help="evaluate --checkpoint instead of training, on its own validation and test splits")
     run.add_argument("--checkpoint", default="", metavar="FILE",
                      help="checkpoint to evaluate with --eval-only (a .pt file, or a run directory for its last.pt)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="resolve the configuration, run the pre-flight checks and print the plan (splits, class "
+                          "counts, sampler weights, stages, model size, steps per epoch); writes nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bars, log lines only (for batch jobs)")
     return parser
 
@@ -124,6 +130,10 @@ def config_for_resume(state: dict, args: argparse.Namespace, training: bool = Tr
     return config
 
 
+def default_run_dir(config: Config) -> Path:
+    return Path(config.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 class MetricsLog:
     """metrics.csv: one row per schedule stage. On resume, rows of stages that will run again are dropped."""
 
@@ -174,7 +184,7 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
         if resume_state is not None:
             run_dir = Path(resume_state["path"]).resolve().parent.parent
         else:
-            run_dir = Path(config.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir = default_run_dir(config)
             if (run_dir / "checkpoints" / "last.pt").exists():
                 problem = f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir"
     run_dir, problem = broadcast_object((run_dir, problem))
@@ -318,6 +328,20 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
     return run_dir
 
 
+def dry_run(args: argparse.Namespace) -> str:
+    """--dry-run: the plan of the run the same command line would start (or resume), after the
+    pre-flight checks; writes nothing (no run directory, no image cache, no downloaded weights)."""
+    state = load_checkpoint(args.resume) if args.resume else None
+    config = config_for_resume(state, args) if state is not None else resolve_config(args)
+    run_dir = Path(state["path"]).resolve().parent.parent if state is not None else default_run_dir(config)
+    if state is None and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+    splits = build_datasets(dataclasses.replace(config, cache=False))  # the checks, without building the cache
+    model = build_model(config, load_pretrained=False)
+    return describe(config, splits, model, run_dir, current_context().world_size,
+                    start_stage=state["next_stage"] if state is not None else 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     context = init_distributed_mode(config_overrides(args).get("device", "auto"))
@@ -326,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     progress = not args.no_progress
     try:
-        if args.eval_only:
+        if args.dry_run:
+            if args.eval_only:
+                raise ValueError("--dry-run plans a training run; it does not combine with --eval-only")
+            print(dry_run(args))
+        elif args.eval_only:
             if not args.checkpoint:
                 raise ValueError("--eval-only needs --checkpoint PATH")
             evaluate_checkpoint(args.checkpoint, args, progress)

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main
 from utils.checkpoint import load_checkpoint
+from utils.dry_run import stage_plan
 from utils.tensorboard_log import push_summary
 from utils.training import build_schedule
 
@@ -52,6 +53,8 @@ def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(confi
     stage_ends = [2, 6, 10, 11, 15, 19, 20, 24]
     running_means = [2, 4, 6, 8, 10, 13, 15, 17, 19, 22, 24]  # every 2 steps within each training stage
     schedule = build_schedule(config)
+    plan = stage_plan(config, config.synthetic_train_size)
+    assert [sum(s.steps + (s.kind == "push") for s in plan[: i + 1]) for i in range(len(plan))] == stage_ends
 
     run_dir = main.train(config_factory(tensorboard=True, log_every=2, max_stages=4), progress=False)
     checkpoint = run_dir / "checkpoints" / "last.pt"

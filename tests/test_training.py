@@ -8,6 +8,7 @@ import torch
 import losses
 import main
 from utils.checkpoint import load_checkpoint
+from utils.dry_run import stage_plan
 from utils.training import Stage, TrainingDiverged, build_schedule
 
 
@@ -44,6 +45,10 @@ def test_full_run_writes_the_output_contract(config_factory):
     assert rows[-1]["stage"] == "last_layer" and rows[1]["cross_image"] != ""
     # Each row shows the rates its stage trained with: lr_milestones (2,) halves them from epoch 2 on.
     assert [float(row["lr_backbone"]) for row in rows[:3]] == pytest.approx([config.lr_backbone] * 2 + [config.lr_backbone / 2])
+    plan = stage_plan(config, config.synthetic_train_size)  # what --dry-run prints
+    for row, planned in zip(rows, plan, strict=True):
+        for key in ("lr_backbone", "lr_add_on", "lr_prototypes", "lr_last_layer"):
+            assert float(row[key]) == pytest.approx(planned.learning_rates[key]), (row["stage_index"], key)
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["backbone"] == "tiny" and saved["push_epochs"] == [2, 3]
 
@@ -52,6 +57,7 @@ def test_full_run_writes_the_output_contract(config_factory):
                 "class_names", "prototype_provenance", "next_stage"):
         assert key in state, key
     assert state["teacher"] is not None
+    assert state["global_step"] == sum(planned.steps + (planned.kind == "push") for planned in plan)
     provenance = state["prototype_provenance"]
     assert len(provenance) == 7 * 2 and all(record["image_id"].startswith("synthetic-train-") for record in provenance)
     # Model selection is among pushed models only, so the best model is grounded.

@@ -4,6 +4,7 @@
     python main.py --preset nih --data-root DIR      # the paper's NIH ChestX-ray14 setting
     python main.py --resume runs/RUN                 # continue an interrupted run exactly
     python main.py --eval-only --checkpoint runs/RUN/checkpoints/best.pt
+    python main.py --eval-only --checkpoint CKPT --test-csv NEW.csv --image-root DIR --out-dir OUT
     python main.py --preset nih --data-root DIR --dry-run   # the plan, after the pre-flight checks
 
 A run directory holds config.json, log.txt, metrics.csv, checkpoints/{last,best}.pt, tensorboard/ and,
@@ -20,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from datasets import DataError, build_datasets
-from model import PretrainedWeightsUnavailable, build_model
+from model import CIPL, PretrainedWeightsUnavailable, build_model
 from settings import (
     PRESETS, RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config, validate,
 )
@@ -33,12 +35,13 @@ from utils.checkpoint import (
 )
 from utils.distributed import all_gather_objects, barrier, broadcast_object, current_context, destroy, init_distributed_mode, local_only
 from utils.dry_run import describe
+from utils.external import EXTERNAL_FIELDS, build_external_set, external_config, external_results, parse_label_map, write_predictions
 from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
-from utils.plots import write_report_plots
+from utils.plots import write_report_plots, write_roc
 from utils.sources import dataset_scores
 from utils.tensorboard_log import TensorBoardLog, require_tensorboard
-from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, resolve_device, seed_everything
+from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, predict, resolve_device, seed_everything
 
 logger = logging.getLogger("cipl")
 
@@ -62,13 +65,21 @@ def get_args_parser(preset: str = "synthetic") -> argparse.ArgumentParser:
     run.add_argument("--resume", default="", metavar="RUN",
                      help="continue the run in this directory (or from this checkpoint file) exactly where it stopped")
     run.add_argument("--eval-only", action="store_true",
-                     help="evaluate --checkpoint instead of training, on its own validation and test splits")
+                     help="evaluate --checkpoint instead of training: on its own validation and test splits, or on "
+                          "an external set given with --test-csv")
     run.add_argument("--checkpoint", default="", metavar="FILE",
                      help="checkpoint to evaluate with --eval-only (a .pt file, or a run directory for its last.pt)")
     run.add_argument("--dry-run", action="store_true",
                      help="resolve the configuration, run the pre-flight checks and print the plan (splits, class "
                           "counts, sampler weights, stages, model size, steps per epoch); writes nothing")
     run.add_argument("--no-progress", action="store_true", help="no progress bars, log lines only (for batch jobs)")
+    evaluation = groups["evaluation"]
+    evaluation.add_argument("--label-map", default="", metavar="OLD=NEW,...",
+                            help="with --eval-only --test-csv: rename the external set's labels to the model's class "
+                                 "names, e.g. 'Infiltrate=Infiltration,Pleural Effusion=Effusion'")
+    evaluation.add_argument("--ignore-unknown-labels", action="store_true",
+                            help="with --eval-only --test-csv: leave out labels the model has no class for, instead "
+                                 "of stopping")
     return parser
 
 
@@ -111,10 +122,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def config_for_resume(state: dict, args: argparse.Namespace, training: bool = True) -> Config:
-    """The checkpoint's configuration with the command line's runtime overrides, validated.
-    ``training``: the checkpoint must also carry what resuming needs (evaluation needs only config
-    and model)."""
+def config_for_resume(state: dict, args: argparse.Namespace, training: bool = True,
+                      allowed: frozenset[str] = frozenset()) -> Config:
+    """The checkpoint's configuration with the command line's runtime overrides (and those in
+    ``allowed``), validated. ``training``: the checkpoint must also carry what resuming needs
+    (evaluation needs only config and model)."""
     needed = ("config", "model", "next_stage", "rng", "best") if training else ("config", "model")
     missing = [key for key in needed if key not in state]
     if missing:
@@ -122,7 +134,7 @@ def config_for_resume(state: dict, args: argparse.Namespace, training: bool = Tr
     config = Config.from_dict(state["config"])
     config.max_stages = 0  # a limit of the interrupted invocation, not of the run
     for name, value in config_overrides(args).items():
-        if name in RUNTIME_FIELDS:
+        if name in RUNTIME_FIELDS or name in allowed:
             setattr(config, name, value)
         elif getattr(config, name) != value:
             raise ValueError(f"{option_name(name)} cannot change when resuming (the run has {getattr(config, name)!r})")
@@ -328,6 +340,47 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
     return run_dir
 
 
+def evaluate_external(checkpoint: str, args: argparse.Namespace, progress: bool = True) -> Path:
+    """--eval-only --test-csv: the checkpoint on a CSV-described external set (utils/external.py).
+    Only that set is read; the output folder is created once the set has passed its checks."""
+    state = load_checkpoint(checkpoint)
+    command_line = config_overrides(args)
+    config = external_config(config_for_resume(state, args, training=False, allowed=EXTERNAL_FIELDS), command_line)
+    class_names = state.get("class_names") or state.get("model_description", {}).get("class_names")
+    if not class_names:
+        raise CheckpointError(f"{state['path']} does not record its class names: it cannot be matched to another set")
+    external = build_external_set(config, list(class_names), parse_label_map(args.label_map), args.ignore_unknown_labels)
+    model = CIPL(class_names, backbone=config.backbone, prototype_dim=config.prototype_dim,
+                 prototypes_per_class=config.prototypes_per_class)
+    check_compatible(state, model)
+    model.load_state_dict(state["model"])
+    run_dir = Path(command_line.get("out_dir") or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    context = current_context()
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir / "log.txt")
+    device = resolve_device(config.device, context)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    probabilities, _ = predict(model.to(device), external.dataset, device, config.image_size, config.eval_batch_size,
+                               config.num_workers, progress and context.is_main, amp_dtype)
+    if not context.is_main:
+        return run_dir
+    with local_only():  # localisation and figures: rank 0 alone, no collectives
+        results = dict(checkpoint=str(Path(state["path"]).resolve()), **external_results(external, probabilities))
+        localisation = localisation_report(model, external.dataset, config, device, progress)
+        if localisation is not None:
+            results["localisation"] = localisation
+        atomic_write_json(run_dir / "results.json", json_safe(results))
+        write_predictions(run_dir / "predictions.csv", external, probabilities)
+        columns = external.evaluated_columns
+        write_roc(run_dir / "roc.png", external.dataset.targets[:, columns], probabilities[:, columns],
+                  external.evaluated, title=f"ROC on {external.source.name}")
+        logger.info("%s: mean AUC %.4f over %d diseases%s; wrote %s", external.source.name, results["test"]["mean_auc"],
+                    len(external.evaluated), f" ({', '.join(external.missing)} not in the set)" if external.missing else "",
+                    run_dir)
+    return run_dir
+
+
 def dry_run(args: argparse.Namespace) -> str:
     """--dry-run: the plan of the run the same command line would start (or resume), after the
     pre-flight checks; writes nothing (no run directory, no image cache, no downloaded weights)."""
@@ -350,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     progress = not args.no_progress
     try:
+        external = "test_csv" in config_overrides(args)
+        if (args.label_map or args.ignore_unknown_labels) and not (args.eval_only and external):
+            raise ValueError("--label-map and --ignore-unknown-labels apply to --eval-only --test-csv (an external set)")
         if args.dry_run:
             if args.eval_only:
                 raise ValueError("--dry-run plans a training run; it does not combine with --eval-only")
@@ -357,7 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.eval_only:
             if not args.checkpoint:
                 raise ValueError("--eval-only needs --checkpoint PATH")
-            evaluate_checkpoint(args.checkpoint, args, progress)
+            if external:
+                evaluate_external(args.checkpoint, args, progress)
+            else:
+                evaluate_checkpoint(args.checkpoint, args, progress)
         elif args.resume:
             state = load_checkpoint(args.resume)
             train(config_for_resume(state, args), resume_state=state, progress=progress)

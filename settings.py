@@ -317,7 +317,8 @@ _HELP = {
                  "instead of the one found under --data-root",
     "val_csv": "csv/odir: validation list for model selection (default: a patient-disjoint --val-fraction of "
                "the training list)",
-    "test_csv": "csv: test list; odir: on-site test annotation file, instead of the one found under --data-root",
+    "test_csv": "csv: test list; odir: on-site test annotation file; with --eval-only: an external test set to "
+                "evaluate the checkpoint on (see 'Evaluate on your own images' in README.md)",
     "image_root": "csv: folder the CSV's image paths are relative to (default --data-root, else the CSV's own folder)",
     "image_column": "csv: name of the column holding the image path (default: the first column)",
     "label_column": "csv: name of one column of '|'-separated labels, e.g. 'Finding Labels' (default: one 0/1 "

@@ -38,7 +38,7 @@ def test_options_are_grouped():
     titles = {group.title: {action.dest for action in group._group_actions} for group in parser._action_groups}
     assert {"lr_backbone", "lr_milestones", "push_epochs"} <= titles["schedule"]
     assert {"cross_image", "weight_prediction"} <= titles["losses and ablations"]
-    assert {"eval_batch_size", "gradcam_layer"} <= titles["evaluation"]
+    assert {"label_map", "ignore_unknown_labels", "eval_batch_size"} <= titles["evaluation"]
 
 
 @pytest.mark.parametrize("preset, image_size, backbone", [("nih", "512", "densenet121"), ("synthetic", "128", "tiny"),
@@ -106,6 +106,7 @@ BAD_VALUES = [
     (["--push-epochs", "11", "9"], "--push-epochs 11 9 must be increasing"),
     (["--lr-milestones", "8", "4"], "--lr-milestones 8 4 must be increasing"),
     (["--lr-milestones", "0"], "--lr-milestones 0 must be epochs from 1 on"),
+    (["--label-map", "A=B"], "--label-map and --ignore-unknown-labels apply to --eval-only --test-csv"),
 ]
 
 

@@ -133,7 +133,7 @@ def push_summary(provenance: Sequence[dict], class_names: Sequence[str]) -> dict
     used; per class, ``distinct_source_images/<class>`` and ``mean_distance/<class>`` (mean squared
     distance between a prototype and the patch it was copied from, before the copy).
     """
-    pushed = [record for record in provenance if (record.get("image_index") if record.get("image_index") is not None else -1) >= 0]
+    pushed = [record for record in provenance if _is_pushed(record)]
     summary: dict[str, float] = dict(
         pushed_prototypes=float(len(pushed)),
         distinct_source_images=float(len({record["image_index"] for record in pushed})),
@@ -149,6 +149,11 @@ def push_summary(provenance: Sequence[dict], class_names: Sequence[str]) -> dict
         if distances[name]:
             summary[f"mean_distance/{name}"] = float(np.mean(distances[name]))
     return summary
+
+
+def _is_pushed(record: dict) -> bool:
+    index = record.get("image_index")
+    return index is not None and index >= 0
 
 
 def figure_png_to_rgb(data: bytes) -> np.ndarray:

@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import main
 from conftest import tiny_config

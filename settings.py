@@ -307,7 +307,8 @@ _HELP = {
                   "later with --resume; for time-limited jobs (0 = run the whole schedule)",
     "tensorboard": "write TensorBoard event files under RUN/tensorboard/ (losses, learning rates, AUCs, push "
                    "galleries); view with: tensorboard --logdir runs",
-    "log_every": "optimizer steps between two running means of the loss terms in TensorBoard",
+    "log_every": "optimizer steps between two running means of the loss terms in TensorBoard (a stage's "
+                 "remaining steps give one more at its end)",
     # data
     "dataset": "data source: synthetic (built in), nih (ChestX-ray14), odir (fundus photos) or csv (any "
                "multi-label set described by CSV files)",

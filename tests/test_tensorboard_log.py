@@ -46,17 +46,18 @@ def test_push_summary_from_provenance_records():
 
 
 def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(config_factory, tmp_path):
-    config = config_factory(tensorboard=True, log_every=2)
+    config = config_factory(tensorboard=True, log_every=3)
     # Stages of the tiny schedule and their optimizer steps (16 anchors; warm-up 8 images per step,
     # paired and last-layer 4 pairs per step), a push taking one step of its own:
     #   warmup0 2 | paired1 4 | paired2 4 | push 1 | last_layer 4 | paired3 4 | push 1 | last_layer 4
     stage_ends = [2, 6, 10, 11, 15, 19, 20, 24]
-    running_means = [2, 4, 6, 8, 10, 13, 15, 17, 19, 22, 24]  # every 2 steps within each training stage
+    # Every 3 steps within a training stage, and a last, shorter window at its end.
+    running_means = [2, 5, 6, 9, 10, 14, 15, 18, 19, 23, 24]
     schedule = build_schedule(config)
     plan = stage_plan(config, config.synthetic_train_size)
     assert [sum(s.steps + (s.kind == "push") for s in plan[: i + 1]) for i in range(len(plan))] == stage_ends
 
-    run_dir = main.train(config_factory(tensorboard=True, log_every=2, max_stages=4), progress=False)
+    run_dir = main.train(config_factory(tensorboard=True, log_every=3, max_stages=4), progress=False)
     checkpoint = run_dir / "checkpoints" / "last.pt"
     assert load_checkpoint(checkpoint)["global_step"] == 11  # after the first push
     saved = tmp_path / "last-after-the-push.pt"

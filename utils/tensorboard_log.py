@@ -8,8 +8,9 @@ invocation wrote after the checkpoint, and the resumed run continues the curves 
 
 Tags (``<class>`` is a class name):
 
-* ``train/<term>``, ``train/loss``: running means of the loss terms over ``--log-every`` steps
-  (this process's batches; the per-stage means below are over all processes);
+* ``train/<term>``, ``train/loss``: running means of the loss terms over ``--log-every`` steps,
+  and over the steps left at the end of a stage (this process's batches; the per-stage means
+  below are over all processes);
 * ``stage/<term>``, ``stage/loss``: each epoch's mean, as in metrics.csv;
 * ``lr/<group>``: the learning rates the stage trained with;
 * ``val/mean_auc``, ``val/auc/<class>``: validation after every stage;

@@ -331,6 +331,8 @@ class Trainer:
                 window.zero_()
                 window_counts.zero_()
             bar.set_postfix(loss=f"{float(values[-1]):.4f}")
+        if self.board is not None and window_counts[-1] > 0:  # the stage's last, shorter window
+            self.board.log_scalars("train", _means(window, window_counts), self.global_step)
         # DDP broadcasts buffers only at the start of a forward: after the last step each rank holds
         # BatchNorm statistics of its own batch. Take rank 0's everywhere, student and teacher alike.
         for buffer in self.model.buffers():

@@ -1,13 +1,13 @@
 """TensorBoard event files: the expected tags at the expected steps, and a resumed run that continues
-them without overlap even after an interruption that wrote events its checkpoint does not cover."""
+them without overlap, also after an interrupted job left events its checkpoint does not cover."""
 from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 import main
 from utils.checkpoint import load_checkpoint
@@ -45,7 +45,7 @@ def test_push_summary_from_provenance_records():
     }
 
 
-def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(config_factory, tmp_path):
+def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(config_factory):
     config = config_factory(tensorboard=True, log_every=3)
     # Stages of the tiny schedule and their optimizer steps (16 anchors; warm-up 8 images per step,
     # paired and last-layer 4 pairs per step), a push taking one step of its own:
@@ -60,20 +60,19 @@ def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(confi
     run_dir = main.train(config_factory(tensorboard=True, log_every=3, max_stages=4), progress=False)
     checkpoint = run_dir / "checkpoints" / "last.pt"
     assert load_checkpoint(checkpoint)["global_step"] == 11  # after the first push
-    saved = tmp_path / "last-after-the-push.pt"
-    shutil.copy(checkpoint, saved)
-    # Run two more stages (last-layer and paired epochs, with their events), then put the older
-    # checkpoint back: as if the job had been killed before it saved them.
-    state = load_checkpoint(checkpoint)
-    main.train(main.config_for_resume(state, main.parse_args(["--max-stages", "2"])), resume_state=state, progress=False)
-    assert steps(read_events(run_dir), "val/mean_auc") == stage_ends[:6]
-    shutil.copy(saved, checkpoint)
+    # What a job killed before its next checkpoint leaves behind: events after step 11.
+    stale = SummaryWriter(str(run_dir / "tensorboard"))
+    for step in (13, 15):
+        stale.add_scalar("train/loss", -1.0, step)
+    stale.add_scalar("val/mean_auc", -1.0, 15)
+    stale.close()
+    assert steps(read_events(run_dir), "val/mean_auc") == stage_ends[:4] + [15]
     state = load_checkpoint(checkpoint)
     main.train(main.config_for_resume(state, main.parse_args([])), resume_state=state, progress=False)
 
     events = read_events(run_dir)
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3  # one per invocation
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3  # two runs and the stale writer
     terms = ["classification", "cluster", "separation", "cross_image", "interpretation", "prediction", "loss"]
     expected = (
         {f"train/{term}" for term in terms} | {f"stage/{term}" for term in terms}
@@ -86,11 +85,11 @@ def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(confi
     assert scalars == expected
     assert images == {f"push/gallery/{name}" for name in CLASSES} | {"test/roc"}
 
-    # Every step once: the second invocation's events after step 11 were dropped, and the third
-    # invocation wrote them again.
+    # Every step once: the stale events after step 11 were dropped, the resumed run wrote its own.
     assert steps(events, "val/mean_auc") == stage_ends
     assert steps(events, "lr/backbone") == stage_ends
     assert steps(events, "train/loss") == running_means
+    assert -1.0 not in [event.value for tag in ("train/loss", "val/mean_auc") for event in events.Scalars(tag)]
     assert steps(events, "train/cross_image") == running_means[1:]  # no cross-image term in warm-up
     assert steps(events, "stage/loss") == [end for end, stage in zip(stage_ends, schedule) if stage.kind != "push"]
     assert steps(events, "push/pushed_prototypes") == [11, 20]

@@ -4,14 +4,17 @@
     python main.py --preset nih --data-root DIR      # the paper's NIH ChestX-ray14 setting
     python main.py --resume runs/RUN                 # continue an interrupted run exactly
     python main.py --eval-only --checkpoint runs/RUN/checkpoints/best.pt
+    python main.py --eval-only --checkpoint CKPT --test-csv NEW.csv --image-root DIR --out-dir OUT
+    python main.py --preset nih --data-root DIR --dry-run   # the plan, after the pre-flight checks
 
-A run directory holds config.json, log.txt, metrics.csv, checkpoints/{last,best}.pt and, once the
-schedule is complete, results.json with validation and test AUCs of the best (validation) model.
+A run directory holds config.json, log.txt, metrics.csv, checkpoints/{last,best}.pt, tensorboard/ and,
+once the schedule is complete, results.json with validation and test AUCs of the best (validation) model.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import logging
 import sys
@@ -19,22 +22,28 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from datasets import DataError, build_datasets
-from model import PretrainedWeightsUnavailable, build_model
-from settings import RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config
+from model import CIPL, PretrainedWeightsUnavailable, build_model
+from settings import (
+    PRESETS, RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config, validate,
+)
 from utils.checkpoint import (
     CheckpointError, atomic_write_json, atomic_write_text, check_compatible, load_checkpoint, restore_rng_state, rng_state,
     save_checkpoint,
 )
 from utils.distributed import all_gather_objects, barrier, broadcast_object, current_context, destroy, init_distributed_mode, local_only
+from utils.dry_run import describe
+from utils.external import EXTERNAL_FIELDS, build_external_set, external_config, external_results, parse_label_map, write_predictions
 from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
-from utils.plots import write_report_plots
-from utils.prototype_quality import evaluate_prototype_quality, format_quality
+from utils.plots import write_report_plots, write_roc
+from utils.prototype_quality import evaluate_prototype_quality, format_quality, quality_scalars
 from utils.sources import dataset_scores
-from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, resolve_device, seed_everything
+from utils.tensorboard_log import TensorBoardLog, require_tensorboard
+from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, predict, resolve_device, seed_everything
 
 logger = logging.getLogger("cipl")
 
@@ -45,17 +54,43 @@ METRIC_COLUMNS = (
 USER_ERRORS = (DataError, CheckpointError, PretrainedWeightsUnavailable, TrainingDiverged, ValueError, FileNotFoundError)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser(preset: str = "synthetic") -> argparse.ArgumentParser:
+    """The command line; its help shows ``preset``'s defaults (see :func:`parse_args`)."""
     parser = argparse.ArgumentParser(
+        usage="%(prog)s [--preset {synthetic,nih,odir}] [options]",
         description="Train and test CIPL (Cross- and Intra-image Prototypical Learning).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"Defaults shown are those of --preset {preset}; give --preset NAME before --help to see another "
+               f"preset's. Every option but those of main.py itself is a field of Config in settings.py.",
     )
-    parser.add_argument("--resume", default="", help="run directory or checkpoint to continue from")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val and test splits")
-    parser.add_argument("--checkpoint", default="", help="checkpoint to evaluate with --eval-only")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    add_config_arguments(parser)
+    groups = add_config_arguments(parser, preset)
+    run = groups["run"]
+    run.add_argument("--resume", default="", metavar="RUN",
+                     help="continue the run in this directory (or from this checkpoint file) exactly where it stopped")
+    run.add_argument("--eval-only", action="store_true",
+                     help="evaluate --checkpoint instead of training: on its own validation and test splits, or on "
+                          "an external set given with --test-csv")
+    run.add_argument("--checkpoint", default="", metavar="FILE",
+                     help="checkpoint to evaluate with --eval-only (a .pt file, or a run directory for its last.pt)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="resolve the configuration, run the pre-flight checks and print the plan (splits, class "
+                          "counts, sampler weights, stages, model size, steps per epoch); writes nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars, log lines only (for batch jobs)")
+    evaluation = groups["evaluation"]
+    evaluation.add_argument("--label-map", default="", metavar="OLD=NEW,...",
+                            help="with --eval-only --test-csv: rename the external set's labels to the model's class "
+                                 "names, e.g. 'Infiltrate=Infiltration,Pleural Effusion=Effusion'")
+    evaluation.add_argument("--ignore-unknown-labels", action="store_true",
+                            help="with --eval-only --test-csv: leave out labels the model has no class for, instead "
+                                 "of stopping")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; a first look for --preset lets --help show that preset's defaults."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--preset", default="synthetic")
+    preset = early.parse_known_args(argv)[0].preset
+    return get_args_parser(preset if preset in PRESETS else "synthetic").parse_args(argv)
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -84,12 +119,16 @@ def setup_logging(log_file: Path | None = None) -> None:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = config_overrides(args)
-    return preset_config(overrides.pop("preset", "synthetic"), **overrides)
+    config = preset_config(overrides.pop("preset", "synthetic"), **overrides)
+    validate(config)
+    return config
 
 
-def config_for_resume(state: dict, args: argparse.Namespace, training: bool = True) -> Config:
-    """The checkpoint's configuration with the command line's runtime overrides. ``training``: the
-    checkpoint must also carry what resuming needs (evaluation needs only config and model)."""
+def config_for_resume(state: dict, args: argparse.Namespace, training: bool = True,
+                      allowed: frozenset[str] = frozenset()) -> Config:
+    """The checkpoint's configuration with the command line's runtime overrides (and those in
+    ``allowed``), validated. ``training``: the checkpoint must also carry what resuming needs
+    (evaluation needs only config and model)."""
     needed = ("config", "model", "next_stage", "rng", "best") if training else ("config", "model")
     missing = [key for key in needed if key not in state]
     if missing:
@@ -97,11 +136,16 @@ def config_for_resume(state: dict, args: argparse.Namespace, training: bool = Tr
     config = Config.from_dict(state["config"])
     config.max_stages = 0  # a limit of the interrupted invocation, not of the run
     for name, value in config_overrides(args).items():
-        if name in RUNTIME_FIELDS:
+        if name in RUNTIME_FIELDS or name in allowed:
             setattr(config, name, value)
         elif getattr(config, name) != value:
             raise ValueError(f"{option_name(name)} cannot change when resuming (the run has {getattr(config, name)!r})")
+    validate(config)
     return config
+
+
+def default_run_dir(config: Config) -> Path:
+    return Path(config.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 class MetricsLog:
@@ -145,13 +189,16 @@ def build_datasets_once_per_node(config: Config, context):
 
 def train(config: Config, resume_state: dict | None = None, progress: bool = True) -> Path:
     """Run (or continue) the whole schedule; returns the run directory."""
+    validate(config)
     context = current_context()
+    if config.tensorboard and context.is_main:
+        require_tensorboard()
     run_dir, problem = None, None
     if context.is_main:  # rank 0 names the run directory; the other ranks take its word
         if resume_state is not None:
             run_dir = Path(resume_state["path"]).resolve().parent.parent
         else:
-            run_dir = Path(config.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir = default_run_dir(config)
             if (run_dir / "checkpoints" / "last.pt").exists():
                 problem = f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir"
     run_dir, problem = broadcast_object((run_dir, problem))
@@ -180,6 +227,11 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
         start, best = resume_state["next_stage"], resume_state["best"]
         logger.info("resuming at stage %d of %d", start, len(schedule))
     metrics = MetricsLog(run_dir / "metrics.csv", keep_below=start) if context.is_main else None
+    # A resumed run drops what an interrupted invocation logged after its checkpoint (purge_step).
+    board = trainer.board = TensorBoardLog(
+        run_dir / "tensorboard" if context.is_main and config.tensorboard else None,
+        purge_step=trainer.global_step + 1 if resume_state is not None else None,
+    )
     pushes_scheduled = any(stage.kind == "push" for stage in schedule)
 
     best_model = None
@@ -187,12 +239,20 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
     for stage_index in range(start, stop):
         stage = schedule[stage_index]
         began = time.perf_counter()
+        rates = trainer.learning_rates()  # the rates this stage trains with; the scheduler steps at its end
         terms = trainer.run_stage(stage, stage_index)
         validation = trainer.evaluate(splits.val)
         row = dict(stage_index=stage_index, stage=stage.kind, epoch=stage.epoch, val_mean_auc=validation["mean_auc"],
-                   **terms, **trainer.learning_rates(), seconds=round(time.perf_counter() - began, 2))
+                   **terms, **rates, seconds=round(time.perf_counter() - began, 2))
         if metrics is not None:
             metrics.append(row)
+        if stage.kind == "push":
+            with local_only():  # rank 0 draws the galleries alone
+                board.log_push(trainer.model, splits.train, trainer.provenance, config.image_size, trainer.global_step,
+                               batch_size=min(config.eval_batch_size, 16))
+                if trainer.push_quality is not None:
+                    board.log_scalars("push/quality", quality_scalars(trainer.push_quality), trainer.global_step)
+        board.log_stage(terms, validation, rates, trainer.global_step)
         logger.info("%s: loss %s, val mean AUC %.4f", stage.name,
                     f"{terms['loss']:.4f}" if "loss" in terms else "-", validation["mean_auc"])
 
@@ -207,14 +267,17 @@ def train(config: Config, resume_state: dict | None = None, progress: bool = Tru
             logger.info("new best model (val mean AUC %.4f)", validation["mean_auc"])
         if context.is_main:
             save_checkpoint(run_dir / "checkpoints" / "last.pt", dict(state, best=best))
+        board.flush()  # what the checkpoint covers is on disk
         barrier()
 
     if stop < len(schedule):
         logger.info("stopped after %d of %d stages (--max-stages); continue with --resume %s", stop, len(schedule), run_dir)
+        board.close()
         return run_dir
     if best_model is None and best["stage_index"] is not None:  # resumed after the best was saved
         best_model = broadcast_object(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"] if context.is_main else None)
     final_report(trainer, splits, run_dir, best, best_model)
+    board.close()
     return run_dir
 
 
@@ -265,6 +328,8 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
                     best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
         logger.info("wrote %s", run_dir / "results.json")
         write_report_plots(*test_predictions, splits.test.disease_names, run_dir, run_dir / "metrics.csv")
+        if trainer.board is not None:
+            trainer.board.log_final(results, run_dir / "roc.png", trainer.global_step)
     return results
 
 
@@ -295,18 +360,83 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
     return run_dir
 
 
+def evaluate_external(checkpoint: str, args: argparse.Namespace, progress: bool = True) -> Path:
+    """--eval-only --test-csv: the checkpoint on a CSV-described external set (utils/external.py).
+    Only that set is read; the output folder is created once the set has passed its checks."""
+    state = load_checkpoint(checkpoint)
+    command_line = config_overrides(args)
+    config = external_config(config_for_resume(state, args, training=False, allowed=EXTERNAL_FIELDS), command_line)
+    class_names = state.get("class_names") or state.get("model_description", {}).get("class_names")
+    if not class_names:
+        raise CheckpointError(f"{state['path']} does not record its class names: it cannot be matched to another set")
+    external = build_external_set(config, list(class_names), parse_label_map(args.label_map), args.ignore_unknown_labels)
+    model = CIPL(class_names, backbone=config.backbone, prototype_dim=config.prototype_dim,
+                 prototypes_per_class=config.prototypes_per_class)
+    check_compatible(state, model)
+    model.load_state_dict(state["model"])
+    run_dir = Path(command_line.get("out_dir") or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    context = current_context()
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir / "log.txt")
+    device = resolve_device(config.device, context)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    probabilities, _ = predict(model.to(device), external.dataset, device, config.image_size, config.eval_batch_size,
+                               config.num_workers, progress and context.is_main, amp_dtype)
+    if not context.is_main:
+        return run_dir
+    with local_only():  # localisation and figures: rank 0 alone, no collectives
+        results = dict(checkpoint=str(Path(state["path"]).resolve()), **external_results(external, probabilities))
+        localisation = localisation_report(model, external.dataset, config, device, progress)
+        if localisation is not None:
+            results["localisation"] = localisation
+        atomic_write_json(run_dir / "results.json", json_safe(results))
+        write_predictions(run_dir / "predictions.csv", external, probabilities)
+        columns = external.evaluated_columns
+        write_roc(run_dir / "roc.png", external.dataset.targets[:, columns], probabilities[:, columns],
+                  external.evaluated, title=f"ROC on {external.source.name}")
+        logger.info("%s: mean AUC %.4f over %d diseases%s; wrote %s", external.source.name, results["test"]["mean_auc"],
+                    len(external.evaluated), f" ({', '.join(external.missing)} not in the set)" if external.missing else "",
+                    run_dir)
+    return run_dir
+
+
+def dry_run(args: argparse.Namespace) -> str:
+    """--dry-run: the plan of the run the same command line would start (or resume), after the
+    pre-flight checks; writes nothing (no run directory, no image cache, no downloaded weights)."""
+    state = load_checkpoint(args.resume) if args.resume else None
+    config = config_for_resume(state, args) if state is not None else resolve_config(args)
+    run_dir = Path(state["path"]).resolve().parent.parent if state is not None else default_run_dir(config)
+    if state is None and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out-dir")
+    splits = build_datasets(dataclasses.replace(config, cache=False))  # the checks, without building the cache
+    model = build_model(config, load_pretrained=False)
+    return describe(config, splits, model, run_dir, current_context().world_size,
+                    start_stage=state["next_stage"] if state is not None else 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     context = init_distributed_mode(config_overrides(args).get("device", "auto"))
     setup_logging()
     if not context.is_main:  # under torchrun only rank 0 reports progress
         logging.getLogger().setLevel(logging.WARNING)
     progress = not args.no_progress
     try:
-        if args.eval_only:
+        external = "test_csv" in config_overrides(args)
+        if (args.label_map or args.ignore_unknown_labels) and not (args.eval_only and external):
+            raise ValueError("--label-map and --ignore-unknown-labels apply to --eval-only --test-csv (an external set)")
+        if args.dry_run:
+            if args.eval_only:
+                raise ValueError("--dry-run plans a training run; it does not combine with --eval-only")
+            print(dry_run(args))
+        elif args.eval_only:
             if not args.checkpoint:
                 raise ValueError("--eval-only needs --checkpoint PATH")
-            evaluate_checkpoint(args.checkpoint, args, progress)
+            if external:
+                evaluate_external(args.checkpoint, args, progress)
+            else:
+                evaluate_checkpoint(args.checkpoint, args, progress)
         elif args.resume:
             state = load_checkpoint(args.resume)
             train(config_for_resume(state, args), resume_state=state, progress=progress)

@@ -49,6 +49,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
                 assert float(b[column]) == pytest.approx(float(a[column]), rel=0.03), (a["stage_index"], column)
     # Rank 0 alone writes the run directory; both checkpoints hold a complete state.
     assert sorted(p.name for p in (double / "checkpoints").iterdir()) == ["last.pt"]
+    assert len(list((double / "tensorboard").glob("events.out.tfevents.*"))) == 1
     state = torch.load(double / "checkpoints" / "last.pt", weights_only=False)
     assert state["next_stage"] == 3 and state["teacher"] is not None
 

@@ -8,6 +8,7 @@ import torch
 import losses
 import main
 from utils.checkpoint import load_checkpoint
+from utils.dry_run import stage_plan
 from utils.training import Stage, TrainingDiverged, build_schedule
 
 
@@ -33,15 +34,29 @@ def test_full_run_writes_the_output_contract(config_factory):
         assert (run_dir / name).is_file(), name
     results = json.loads((run_dir / "results.json").read_text())
     diseases = ["Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax"]
-    for split in ("val", "test"):
+    for split in ("val", "test", "test_decorrelated"):
         assert set(results[split]["auc"]) == set(diseases)
         assert 0.0 <= results[split]["mean_auc"] <= 1.0
+    # The explanation is reported next to the AUCs: prototype quality and localisation on both test splits.
+    quality = results["prototypes"]
+    assert set(quality["per_class"]) == set(diseases) | {"No Finding"}
+    assert quality["overall"]["pushed"] == 14 and quality["overall"]["grounding_evaluable"] > 0
+    assert all(entry["prototypes"] == 2 and "selectivity" in entry for entry in quality["per_class"].values())
+    for localisation in (results["localisation"], results["test_decorrelated"]["localisation"]):
+        assert set(localisation["methods"]) == {"cipl", "gradcam"} and localisation["map_size"] == [8, 8]
+        assert 0.0 <= localisation["pointing_ceiling"]["mean"] <= 1.0
     with (run_dir / "metrics.csv").open() as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == len(build_schedule(config))
     assert {"classification", "cluster", "separation", "cross_image", "interpretation", "prediction",
             "val_mean_auc", "lr_backbone", "lr_last_layer"} <= set(rows[0])
     assert rows[-1]["stage"] == "last_layer" and rows[1]["cross_image"] != ""
+    # Each row shows the rates its stage trained with: lr_milestones (2,) halves them from epoch 2 on.
+    assert [float(row["lr_backbone"]) for row in rows[:3]] == pytest.approx([config.lr_backbone] * 2 + [config.lr_backbone / 2])
+    plan = stage_plan(config, config.synthetic_train_size)  # what --dry-run prints
+    for row, planned in zip(rows, plan, strict=True):
+        for key in ("lr_backbone", "lr_add_on", "lr_prototypes", "lr_last_layer"):
+            assert float(row[key]) == pytest.approx(planned.learning_rates[key]), (row["stage_index"], key)
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["backbone"] == "tiny" and saved["push_epochs"] == [2, 3]
 
@@ -50,6 +65,7 @@ def test_full_run_writes_the_output_contract(config_factory):
                 "class_names", "prototype_provenance", "next_stage"):
         assert key in state, key
     assert state["teacher"] is not None
+    assert state["global_step"] == sum(planned.steps + (planned.kind == "push") for planned in plan)
     provenance = state["prototype_provenance"]
     assert len(provenance) == 7 * 2 and all(record["image_id"].startswith("synthetic-train-") for record in provenance)
     # Model selection is among pushed models only, so the best model is grounded.
@@ -84,6 +100,7 @@ def test_different_seed_different_weights(config_factory):
     wa = load_checkpoint(a)["model"]["prototypes"]
     wb = load_checkpoint(b)["model"]["prototypes"]
     assert not torch.equal(wa, wb)
+    assert not (a / "tensorboard").exists()  # tensorboard=False (tests/conftest.py) writes no event files
 
 
 def test_nan_loss_stops_with_stage_epoch_step_and_keeps_last_checkpoint(config_factory, monkeypatch, capsys):
@@ -166,11 +183,12 @@ def test_eval_only_writes_results(config_factory, tmp_path):
 
 def test_cli_builds_config_from_preset_and_flags():
     args = main.get_args_parser().parse_args(
-        ["--preset", "nih", "--epochs", "3", "--push-epochs", "1", "2", "--no-cross-image", "--lr-backbone", "0.5"]
+        ["--preset", "nih", "--epochs", "3", "--warmup-epochs", "1", "--push-epochs", "1", "2", "--no-cross-image",
+         "--lr-backbone", "0.5"]
     )
     config = main.resolve_config(args)
     assert config.dataset == "nih" and config.backbone == "densenet121" and config.prototypes_per_class == 50
-    assert config.epochs == 3 and config.push_epochs == (1, 2) and config.cross_image is False
+    assert config.epochs == 3 and config.warmup_epochs == 1 and config.push_epochs == (1, 2) and config.cross_image is False
     assert config.lr_backbone == 0.5 and config.interpretation_alignment is True
 
 

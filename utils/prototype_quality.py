@@ -313,6 +313,18 @@ def evaluate_prototype_quality(model, train, image_size: int, device, batch_size
     return quality_report(model, diversity, grounding, selectivity)
 
 
+def quality_scalars(report: dict) -> dict[str, float]:
+    """The report as flat scalars for TensorBoard: overall figures, then per-class ones under their name."""
+    scalars = {key: float(value) for key, value in report["overall"].items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    scalars["collapsed_classes"] = float(len(report["overall"]["collapsed_classes"]))
+    for name, entry in report["per_class"].items():
+        for key in ("distinct_locations", "largest_location_share", "grounded", "at_lesion", "selectivity"):
+            if entry.get(key) is not None:
+                scalars[f"{key}/{name}"] = float(entry[key])
+    return scalars
+
+
 def format_quality(report: dict) -> str:
     """The prototype-quality figures as a small fixed-width table for the log."""
     lines = [f"{'class':<16} {'n':>3} {'images':>6} {'cells':>5} {'top cell':>8} {'grounded':>8} {'at lesion':>9} {'select':>7}"]

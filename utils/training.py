@@ -180,6 +180,10 @@ class Trainer:
         )
         self.provenance: list[dict] = []
         self.push_quality: dict | None = None  # prototype quality after the latest push (rank 0)
+        # TensorBoard's step axis: optimizer steps so far, plus one per push, so that every stage
+        # ends on a step of its own (utils/tensorboard_log.py). Saved in checkpoints.
+        self.global_step = 0
+        self.board = None  # a utils.tensorboard_log.TensorBoardLog; main.py gives rank 0 one
         train = splits.train
         self.num_samples = config.samples_per_epoch or len(train)
         self.eval_transform = EvalTransform(config.image_size)
@@ -195,6 +199,7 @@ class Trainer:
             prototype_provenance=self.provenance,
             model_description=self.model.description(),
             class_names=self.model.class_names,
+            global_step=self.global_step,
         )
 
     def load_state_dict(self, state: dict) -> None:
@@ -208,6 +213,7 @@ class Trainer:
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.provenance = state.get("prototype_provenance", [])
+        self.global_step = state.get("global_step", 0)
 
     def learning_rates(self) -> dict:
         rates = {f"lr_{group['name']}": group["lr"] for group in self.joint_optimizer.param_groups}
@@ -222,6 +228,7 @@ class Trainer:
         seed_everything(self.config.seed * 1_000_003 + stage_index)
         if stage.kind == "push":
             self.push()
+            self.global_step += 1
             return {}
         if stage.kind in ("paired", "last_layer") and self.teacher is None and self.config.uses_alignment:
             logger.info("creating the EMA teacher from the student")
@@ -296,6 +303,7 @@ class Trainer:
         prototype_class = self.model.prototype_class
         totals = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
         counts = torch.zeros_like(totals)
+        window, window_counts = torch.zeros_like(totals), torch.zeros_like(totals)  # since the last TensorBoard point
         bar = tqdm(loader, desc=stage.name, leave=False, disable=not self.progress)
         for step, batch in enumerate(bar):
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -323,7 +331,16 @@ class Trainer:
                 self.teacher.update(self.model)
             totals += values * present
             counts += present
+            window += values * present
+            window_counts += present
+            self.global_step += 1
+            if self.board is not None and (step + 1) % self.config.log_every == 0:
+                self.board.log_scalars("train", _means(window, window_counts), self.global_step)
+                window.zero_()
+                window_counts.zero_()
             bar.set_postfix(loss=f"{float(values[-1]):.4f}")
+        if self.board is not None and window_counts[-1] > 0:  # the stage's last, shorter window
+            self.board.log_scalars("train", _means(window, window_counts), self.global_step)
         # DDP broadcasts buffers only at the start of a forward: after the last step each rank holds
         # BatchNorm statistics of its own batch. Take rank 0's everywhere, student and teacher alike.
         for buffer in self.model.buffers():
@@ -333,9 +350,7 @@ class Trainer:
                 broadcast_tensor(buffer)
         # Average over all ranks' steps, so the logged losses describe the whole epoch.
         summed = all_reduce_sum(torch.cat([totals, counts]).to(self.device)).cpu()
-        totals, counts = summed[: len(totals)], summed[len(totals):]
-        names = LOSS_TERMS + ("loss",)
-        return {name: float(totals[i] / counts[i]) for i, name in enumerate(names) if counts[i] > 0}
+        return _means(summed[: len(totals)], summed[len(totals):])
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -388,6 +403,12 @@ def push_quality(model: CIPL, train, config, device) -> dict:
     report = quality_report(model, diversity, grounding, selectivity=None)
     logger.info("prototype quality after push:\n%s", format_quality(report))
     return report
+
+
+def _means(totals: torch.Tensor, counts: torch.Tensor) -> dict:
+    """Sums and counts over LOSS_TERMS + ("loss",) -> {name: mean} for the names that occurred."""
+    names = LOSS_TERMS + ("loss",)
+    return {name: float(totals[i] / counts[i]) for i, name in enumerate(names) if counts[i] > 0}
 
 
 @torch.no_grad()

@@ -26,12 +26,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data.images import read_image
+from data.tables import read_box_file
 from datasets import DataError, EvalTransform, build_datasets
 from model import disease_probabilities, squared_distances
 from utils.checkpoint import CheckpointError, atomic_write_json, atomic_write_text
 from utils.cli import run_script
 from utils.localisation import high_activation_boxes
-from utils.sources import read_box_file, read_image
 from utils.visualise import (
     ReasoningBlock, ReasoningRow, check_output_dir, load_model_from_checkpoint, prototype_views,
     reasoning_figure, similarity_images, staged_output,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.registry import dataset_scores
 from datasets import DataError, build_datasets
 from model import PretrainedWeightsUnavailable, build_model
 from settings import RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config
@@ -31,7 +32,6 @@ from utils.distributed import all_gather_objects, barrier, broadcast_object, cur
 from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
 from utils.plots import write_report_plots
-from utils.sources import dataset_scores
 from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, resolve_device, seed_everything
 
 logger = logging.getLogger("cipl")

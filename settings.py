@@ -90,7 +90,7 @@ class Config:
     compile: bool = False
     sync_batchnorm: bool = False
 
-    # --- real datasets (utils/sources.py) ---------------------------------------------------
+    # --- real datasets (data/nih.py, data/odir.py, data/csv_source.py) ------------------------
     # csv: the split lists; odir: annotation spreadsheets that replace the automatic search.
     train_csv: str = ""
     val_csv: str = ""  # empty: a patient-disjoint --val-fraction of the training list
@@ -200,7 +200,7 @@ _HELP = {
     "channels_last": "channels-last memory format for the convolutions (faster with AMP on recent GPUs)",
     "compile": "torch.compile the network",
     "sync_batchnorm": "synchronise BatchNorm statistics across GPUs under torchrun",
-    # real datasets (utils/sources.py)
+    # real datasets (data/nih.py, data/odir.py, data/csv_source.py)
     "train_csv": "csv: training list (a CSV with an image-path column and labels); odir: training annotation file",
     "val_csv": "csv/odir: validation list (default: a patient-disjoint --val-fraction of the training list)",
     "test_csv": "csv: test list; odir: on-site test annotation file (default: found under --data-root)",

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -152,8 +153,6 @@ def find_dataset_image(splits, image_id: str) -> TestImage | None:
 
 def list_images(spec: str) -> list[Path]:
     """--images: a folder (its image files, sorted) or a CSV with a path column (relative to the CSV)."""
-    import pandas as pd
-
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -357,8 +356,6 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def predictions_csv(files: list[Path], spec: str, disease_names: list[str], probabilities: np.ndarray) -> str:
-    import pandas as pd
-
     base = Path(spec) if Path(spec).is_dir() else Path(spec).parent
     names = [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in files]
     frame = pd.DataFrame(probabilities, columns=disease_names)

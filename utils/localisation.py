@@ -24,6 +24,7 @@ numbers average its cases, the reported ``mean`` averages the classes.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -35,8 +36,11 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from datasets import EvalTransform
 
 logger = logging.getLogger(__name__)
 
@@ -247,8 +251,6 @@ def gradcam_maps(model, images: Tensor, class_indices: Tensor, layer: str = "bac
     The model's parameters are frozen for the call (no .grad is left behind) and its train/eval mode
     and requires_grad flags are restored afterwards.
     """
-    from pytorch_grad_cam import GradCAM
-
     was_training = model.training
     flags = [parameter.requires_grad for parameter in model.parameters()]
     model.requires_grad_(False)
@@ -330,8 +332,6 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
     Works through the boxed images ``batch_size`` at a time, reading each once; every (image, disease)
     case of a batch is one row of the model batch, so an image with two boxed diseases appears twice.
     """
-    from datasets import EvalTransform  # local import: datasets imports torchvision transforms
-
     if not getattr(dataset, "boxes", None):
         return None
     unknown = [method for method in methods if method not in METHODS]
@@ -432,8 +432,6 @@ def _number(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the localisation table of each results.json (or run directory) given."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m utils.localisation",
         description="Print the weakly-supervised localisation table(s) stored in results.json "

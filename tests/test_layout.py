@@ -19,7 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FOLDERS = ("bench", "data", "utils")  # besides the top-level modules
-READERS = ("data.nih", "data.odir", "data.csv_source", "data.synthetic")
+# data/__init__.py's layers below the sources, lowest first; the sources (modules defining SOURCE)
+# sit above them and data/registry.py on top.
+DATA_LAYERS = (("data.base",), ("data.preflight",), ("data.tables", "data.images", "data.image_cache"), ("data.pools",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,15 +240,28 @@ def test_no_import_inside_a_function_without_a_reason(project):
     assert not offenders, "imports inside functions without a comment saying why: " + ", ".join(offenders)
 
 
+def source_modules(project: Project) -> set[str]:
+    """The data modules that define a source: ``SOURCE = ...`` at module level."""
+    return {module for module, source in project.sources.items() if module.startswith("data.") and any(
+        isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SOURCE" for t in node.targets)
+        for node in ast.parse(source).body)}
+
+
 def test_data_layer_dependencies_point_one_way(project):
-    graph = project.graph
-    data_modules = {module for module in graph if module.startswith("data.")}
-    assert graph["data.base"] == set(), "the base types import no other project module"
-    for module in READERS + ("data.image_cache", "data.preflight"):
-        assert "data.base" in graph[module], module
-    choosers = {module for module in data_modules if graph[module] & set(READERS)}
-    assert choosers == {"data.registry"}, "only the registry chooses among the readers"
-    assert set(READERS) <= graph["data.registry"]
+    """The layers drawn in data/__init__.py: each module imports only modules of lower layers."""
+    sources = source_modules(project)
+    assert {"data.nih", "data.odir", "data.csv_source", "data.synthetic"} <= sources
+    layer = {module: height for height, modules in enumerate(DATA_LAYERS) for module in modules}
+    layer.update({module: len(DATA_LAYERS) for module in sources})
+    layer["data.registry"] = len(DATA_LAYERS) + 1
+    for module, targets in project.graph.items():
+        if not module.startswith("data."):
+            continue
+        assert module in layer, f"{module} has no layer: draw it in data/__init__.py and add it to DATA_LAYERS"
+        upward = [target for target in targets if target in layer and layer[target] >= layer[module]]
+        assert not upward, f"{module} imports {upward} from its own or a higher layer"
+    assert project.graph["data.base"] == set(), "the base types import no other project module"
+    assert sources <= project.graph["data.registry"], "every source has its line in the registry"
 
 
 def test_readme_layout_table_matches_the_tree(project):

@@ -1,20 +1,23 @@
-"""Multi-label datasets, the two-view transform, and the class-balanced (pair) sampler.
+"""The two-view transform, the dataset wrappers and the class-balanced (pair) sampler.
 
 Composable pieces (STYLE.md):
 
-* a *base* dataset per source (:class:`MultiLabelDataset`): image ids, a multi-hot target matrix
-  with No Finding last, class names, optional ground-truth boxes, and ``load_image``;
+* a *base* dataset per source (:class:`MultiLabelDataset`, data/base.py; one reader module per
+  source in data/): image ids, a multi-hot target matrix with No Finding last, class names,
+  optional ground-truth boxes, and ``load_image``;
 * wrappers that add what a stage needs: :class:`TransformedDataset` (one view, for warm-up and
   evaluation) and :class:`PairedTwoViewDataset` (an anchor and its label-sharing partner, two
   nearly pixel-aligned views each, for the paired stage);
 * :class:`ClassBalancedSampler`, which draws anchors (and, for pairs, partners) from the data's own
   class counts.
+
+The data layer's entry points (:func:`build_datasets`, :func:`class_names_for`) and the synthetic
+dataset are importable from here too, so scripts need one import for their data.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Iterator
 
 import cv2
@@ -23,120 +26,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
-from tqdm import tqdm
 
-from utils.synthetic import SYNTHETIC_CLASS_NAMES, case_seed, render_case
+from data.base import DataError, MultiLabelDataset
+# The data layer's entry points, re-exported: callers build their data with one import from here.
+from data.registry import build_datasets, class_names_for  # noqa: F401
+from data.synthetic import SyntheticChestXrays  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-Box = tuple[int, float, float, float, float]  # (class_index, x, y, w, h) in load_image pixels
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and the problem."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Base datasets
-# ----------------------------------------------------------------------------------------------
-class MultiLabelDataset(Dataset):
-    """Base class: subclasses set ``image_ids``, ``targets``, ``class_names``, ``boxes`` and
-    implement ``load_image``.
-
-    targets: float32 [N, K], multi-hot, No Finding is the last column (1 iff no disease).
-    boxes:   {index: [(class_index, x, y, w, h), ...]} in the pixel frame of ``load_image(index)``.
-    """
-
-    image_ids: list[str]
-    targets: np.ndarray
-    class_names: list[str]
-    boxes: dict[int, list[Box]]
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def load_image(self, index: int) -> np.ndarray:
-        """uint8 [H, W] (grey) or [H, W, 3]."""
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> dict:
-        return dict(image=self.load_image(index), target=self.targets[index], index=index)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def disease_names(self) -> list[str]:
-        return self.class_names[:-1]
-
-
-class SyntheticChestXrays(MultiLabelDataset):
-    """The built-in procedural dataset (utils/synthetic.py), rendered once into memory.
-
-    Splits use disjoint seeds, so train, val and test never share a case. The split
-    ``test-decorrelated`` draws every disease independently (utils.synthetic.render_case), so a
-    model that learnt a disease from its usual companion is caught out there.
-    """
-
-    def __init__(self, split: str, size: int, image_size: int, seed: int = 0):
-        self.split = split
-        decorrelated = split == "test-decorrelated"
-        self.class_names = list(SYNTHETIC_CLASS_NAMES)
-        self.image_ids = [f"synthetic-{split}-{index:05d}" for index in range(size)]
-        images, targets, self.boxes = [], [], {}
-        for index in tqdm(range(size), desc=f"rendering synthetic {split}", leave=False, disable=None if size >= 200 else True):
-            case = render_case(case_seed(seed, split, index), image_size, decorrelated=decorrelated)
-            images.append(case.image)
-            targets.append(case.target)
-            if case.boxes:
-                self.boxes[index] = list(case.boxes)
-        self.images = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
-        self.targets = np.stack(targets).astype(np.float32) if targets else np.zeros((0, len(self.class_names)), np.float32)
-
-    def load_image(self, index: int) -> np.ndarray:
-        return self.images[index]
-
-
-@dataclass
-class DataSplits:
-    train: MultiLabelDataset
-    val: MultiLabelDataset
-    test: MultiLabelDataset
-    class_names: list[str]
-    extra_tests: dict[str, MultiLabelDataset] | None = None
-
-
-def class_names_for(config) -> list[str]:
-    """The class list a config implies, without loading any data."""
-    if config.dataset == "synthetic":
-        return list(SYNTHETIC_CLASS_NAMES)
-    from utils import sources  # the real-data readers
-
-    return sources.class_names_for(config)
-
-
-def build_datasets(config) -> DataSplits:
-    if config.dataset == "synthetic":
-        splits = {
-            name: SyntheticChestXrays(name, size, config.image_size, seed=config.seed)
-            for name, size in (
-                ("train", config.synthetic_train_size),
-                ("val", config.synthetic_val_size),
-                ("test", config.synthetic_test_size),
-            )
-        }
-        extra = {}
-        if config.synthetic_decorrelated_test_size:
-            extra["test_decorrelated"] = SyntheticChestXrays(
-                "test-decorrelated", config.synthetic_decorrelated_test_size, config.image_size, seed=config.seed)
-        return DataSplits(class_names=list(SYNTHETIC_CLASS_NAMES), extra_tests=extra or None, **splits)
-    from utils import sources
-
-    return sources.build_datasets(config)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,16 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data.images import read_image
+from data.tables import read_box_file
 from datasets import DataError, EvalTransform, build_datasets
 from model import disease_probabilities, squared_distances
 from utils.checkpoint import CheckpointError, atomic_write_json, atomic_write_text
 from utils.cli import run_script
 from utils.localisation import high_activation_boxes
-from utils.sources import read_box_file, read_image
 from utils.visualise import (
     ReasoningBlock, ReasoningRow, check_output_dir, load_model_from_checkpoint, prototype_views,
     reasoning_figure, similarity_images, staged_output,
@@ -151,8 +153,6 @@ def find_dataset_image(splits, image_id: str) -> TestImage | None:
 
 def list_images(spec: str) -> list[Path]:
     """--images: a folder (its image files, sorted) or a CSV with a path column (relative to the CSV)."""
-    import pandas as pd
-
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -356,8 +356,6 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def predictions_csv(files: list[Path], spec: str, disease_names: list[str], probabilities: np.ndarray) -> str:
-    import pandas as pd
-
     base = Path(spec) if Path(spec).is_dir() else Path(spec).parent
     names = [str(p.relative_to(base)) if p.is_relative_to(base) else str(p) for p in files]
     frame = pd.DataFrame(probabilities, columns=disease_names)

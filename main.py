@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.registry import dataset_scores
 from datasets import DataError, build_datasets
 from model import CIPL, PretrainedWeightsUnavailable, build_model
 from settings import (
@@ -41,7 +42,6 @@ from utils.localisation import localisation_report
 from utils.metrics import json_safe, per_class_auc
 from utils.plots import write_report_plots, write_roc
 from utils.prototype_quality import evaluate_prototype_quality, format_quality, quality_scalars
-from utils.sources import dataset_scores
 from utils.tensorboard_log import TensorBoardLog, require_tensorboard
 from utils.training import LOSS_TERMS, Trainer, TrainingDiverged, build_schedule, predict, resolve_device, seed_everything
 

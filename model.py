@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from data.registry import class_names_for
+
 logger = logging.getLogger(__name__)
 
 BACKBONES = ("densenet121", "resnet18", "resnet34", "resnet50", "tiny")
@@ -314,8 +316,6 @@ def disease_probabilities(logits: Tensor) -> Tensor:
 def build_model(config, load_pretrained: bool = True) -> CIPL:
     """The network a config describes. ``load_pretrained=False`` when a checkpoint's weights will be
     loaded into it anyway (resume, evaluation): no ImageNet download, so it works offline."""
-    from datasets import class_names_for  # local import: datasets imports torchvision transforms
-
     return CIPL(
         class_names_for(config),
         backbone=config.backbone,

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from model import BACKBONES
+
 
 @dataclass
 class Config:
@@ -94,7 +96,7 @@ class Config:
     compile: bool = False
     sync_batchnorm: bool = False
 
-    # --- real datasets (utils/sources.py) ---------------------------------------------------
+    # --- real datasets (data/nih.py, data/odir.py, data/csv_source.py) ------------------------
     # csv: the split lists; odir: annotation spreadsheets that replace the automatic search.
     train_csv: str = ""
     val_csv: str = ""  # empty: a patient-disjoint --val-fraction of the training list
@@ -231,7 +233,7 @@ def validate(config: Config) -> None:
 
     Called before a run creates anything (new run, --resume, --eval-only, --dry-run), so a bad value
     leaves no directory behind and never surfaces as a library's message deep inside training.
-    Data-dependent checks (files, labels, images) are the pre-flight checks of utils/preflight.py."""
+    Data-dependent checks (files, labels, images) are the pre-flight checks of data/preflight.py."""
     def refuse(name: str, rule: str):
         raise ValueError(f"{option_name(name)} {_shown(getattr(config, name))} {rule}")
 
@@ -245,8 +247,6 @@ def validate(config: Config) -> None:
     for name, choices in CHOICES.items():
         if getattr(config, name) not in choices:
             refuse(name, f"is not one of {', '.join(choices)}")
-    from model import BACKBONES  # the model module owns the list; imported here to keep settings light
-
     if config.backbone not in BACKBONES:
         refuse("backbone", f"is not one of {', '.join(BACKBONES)}")
     if not DEVICE_PATTERN.fullmatch(config.device):

@@ -38,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchvision.transforms import v2  # noqa: E402
 
+from data import image_cache, preflight  # noqa: E402
+from data.nih import NIH_CLASS_NAMES  # noqa: E402
+from data.pools import FileImageDataset  # noqa: E402
 from datasets import (  # noqa: E402
     EvalTransform, PairedTwoViewDataset, SingleViewTransform, TransformedDataset, TwoViewTransform, to_image_tensor,
 )
 from settings import preset_config  # noqa: E402
-from utils import image_cache, preflight  # noqa: E402
-from utils.sources import NIH_CLASS_NAMES, FileImageDataset  # noqa: E402
 
 
 def radiograph(side: int, seed: int) -> np.ndarray:

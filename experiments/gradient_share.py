@@ -65,7 +65,7 @@ def measure_gradient_shares(run: str | Path, batches: int = 8, seed: int = 1234)
         norm = flat.norm(dim=1)
         reference = flat[names.index("classification")]
         cosine = (flat @ reference) / (norm * reference.norm()).clamp_min(1e-30)
-        values.append([float(terms[name] * getattr(weights, name)) for name in names])
+        values.append([float(terms[name].detach()) * getattr(weights, name) for name in names])
         norms.append(norm.tolist())
         cosines.append(cosine.tolist())
     if not values:

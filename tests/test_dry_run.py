@@ -12,7 +12,7 @@ from datasets import class_sampling_weights
 from model import build_model
 from settings import preset_config
 from test_sources import make_nih, nih_config
-from utils import sources
+from data.registry import build_datasets
 from utils.dry_run import parameter_counts, stage_plan, steps_per_epoch
 
 
@@ -42,7 +42,7 @@ def test_dry_run_on_nih_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert json.loads(configuration) == json.loads(json.dumps(expected))
     assert json.loads(configuration)["backbone"] == "densenet121" and json.loads(configuration)["cache"] is True
 
-    splits = sources.build_datasets(nih_config(root, cache=False))  # the same lists, split the same way
+    splits = build_datasets(nih_config(root, cache=False))  # the same lists, split the same way
     assert f"Splits: train {len(splits.train)} images, val {len(splits.val)} images, test {len(splits.test)} images" in text
     weights = class_sampling_weights(splits.train.targets, 100.0, 3.0)
     for column, name in enumerate(splits.class_names):

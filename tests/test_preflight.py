@@ -13,7 +13,7 @@ import pytest
 
 import main
 from test_sources import make_csv, make_nih, make_odir, write_png
-from utils import preflight
+from data import preflight
 
 TINY = ["--backbone", "tiny", "--image-size", "64", "--prototype-dim", "16", "--prototypes-per-class", "2",
         "--epochs", "1", "--warmup-epochs", "1", "--push-epochs", "--batch-size", "2", "--no-pretrained",

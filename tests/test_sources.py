@@ -14,10 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
+from data.base import UnreadableImage
+from data.images import image_frame, read_image
+from data.odir import odir_eye_labels
+from data.registry import build_datasets, dataset_scores
+from data.tables import read_table
 from datasets import DataError, class_names_for
 from settings import preset_config
-from utils import sources
-from utils.preflight import UnreadableImage
 
 # ----------------------------------------------------------------------------------------------
 # Fixture builders
@@ -178,7 +181,7 @@ def one_hot(names, class_names) -> list[float]:
 # NIH ChestX-ray14
 # ----------------------------------------------------------------------------------------------
 def test_nih_labels_hand_checked(tmp_path):
-    splits = sources.build_datasets(nih_config(make_nih(tmp_path / "nih"), cache=False))
+    splits = build_datasets(nih_config(make_nih(tmp_path / "nih"), cache=False))
     assert splits.class_names == [
         "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
         "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia", "No Finding"]
@@ -206,7 +209,7 @@ def test_nih_labels_hand_checked(tmp_path):
 def test_nih_mirror_layout_v2020_without_trailing_column(tmp_path):
     root = make_nih(tmp_path / "nih", layout="split", entry_name="Data_Entry_2017_v2020.csv", trailing_column=False)
     assert (root / "images_002" / "images" / "00000001_001.png").is_file()
-    splits = sources.build_datasets(nih_config(root, cache=False))
+    splits = build_datasets(nih_config(root, cache=False))
     assert len(splits.train) + len(splits.val) + len(splits.test) == len(NIH_ROWS)
     index = splits.test.image_ids.index("00000012_000.png")
     assert splits.test.image_paths[index].parent.parent.name.startswith("images_0")
@@ -215,7 +218,7 @@ def test_nih_mirror_layout_v2020_without_trailing_column(tmp_path):
 
 def test_nih_header_quirks_are_parsed_as_pandas_sees_them(tmp_path):
     root = make_nih(tmp_path / "nih", images=False, boxes=False)
-    frame = sources.read_table(root / "Data_Entry_2017.csv")
+    frame = read_table(root / "Data_Entry_2017.csv")
     # The bracketed names split into extra columns and the trailing comma adds an unnamed one.
     assert "OriginalImage[Width" in frame.columns and "Height]" in frame.columns and frame.columns[-1].startswith("Unnamed")
     assert frame.loc[0, "Finding Labels"] == "Cardiomegaly|Emphysema" and frame.loc[0, "Patient ID"] == "1"
@@ -223,9 +226,9 @@ def test_nih_header_quirks_are_parsed_as_pandas_sees_them(tmp_path):
 
 def test_nih_validation_is_patient_disjoint_and_seeded(tmp_path):
     root = make_nih(tmp_path / "nih")
-    first = sources.build_datasets(nih_config(root, cache=False, verify_images=False))
-    again = sources.build_datasets(nih_config(root, cache=False, verify_images=False))
-    other = [sources.build_datasets(nih_config(root, cache=False, verify_images=False, split_seed=s)).val.image_ids
+    first = build_datasets(nih_config(root, cache=False, verify_images=False))
+    again = build_datasets(nih_config(root, cache=False, verify_images=False))
+    other = [build_datasets(nih_config(root, cache=False, verify_images=False, split_seed=s)).val.image_ids
              for s in (1, 2, 3)]
     assert first.val.image_ids == again.val.image_ids
     assert any(ids != first.val.image_ids for ids in other)
@@ -233,17 +236,17 @@ def test_nih_validation_is_patient_disjoint_and_seeded(tmp_path):
     assert not set(first.train.image_ids) & set(first.val.image_ids)
     assert len(set(first.val.patient_ids)) == 2  # round(0.25 x 9 patients)
     # The model seed does not move the validation split.
-    assert sources.build_datasets(nih_config(root, cache=False, verify_images=False, seed=7)).val.image_ids == first.val.image_ids
+    assert build_datasets(nih_config(root, cache=False, verify_images=False, seed=7)).val.image_ids == first.val.image_ids
 
 
 def test_nih_boxes_alias_and_frames(tmp_path):
     root = make_nih(tmp_path / "nih", size=64)
-    raw = sources.build_datasets(nih_config(root, cache=False)).test
+    raw = build_datasets(nih_config(root, cache=False)).test
     first, second = raw.image_ids.index("00000010_000.png"), raw.image_ids.index("00000010_001.png")
     scale = 64 / 1024  # the fixture's PNGs are 64 px; the box file is in 1024-px coordinates
     assert raw.boxes[first] == [(3, 512 * scale, 256 * scale, 128 * scale, 64 * scale)]  # Infiltrate -> Infiltration (3)
     assert raw.boxes[second] == [(0, 100.5 * scale, 200.25 * scale, 300 * scale, 150 * scale), (2, 0.0, 0.0, 64.0, 64.0)]
-    cached = sources.build_datasets(nih_config(root, cache_dir=str(tmp_path / "cache"))).test
+    cached = build_datasets(nih_config(root, cache_dir=str(tmp_path / "cache"))).test
     side = cached.load_image(second).shape[0]
     assert side == 68  # ceil(1.0625 x 64): the training resolution plus the crop margin
     assert cached.boxes[second][1] == pytest.approx((2, 0.0, 0.0, side, side))
@@ -282,13 +285,13 @@ def test_class_names_for_without_loading_images(tmp_path):
     (float("nan"), set()),
 ])
 def test_odir_keywords(keywords, expected):
-    assert sources.odir_eye_labels(keywords) == expected
+    assert odir_eye_labels(keywords) == expected
 
 
 def test_odir_per_eye_vectors_hand_checked(tmp_path):
     root = make_odir(tmp_path / "odir")
     config = preset_config("odir", data_root=str(root), image_size=64, val_fraction=0.2, cache=False, decode_threads=2)
-    splits = sources.build_datasets(config)
+    splits = build_datasets(config)
     assert splits.class_names == ["D", "G", "C", "A", "H", "M", "O", "N"]
     targets = {}
     for dataset in (splits.train, splits.val):
@@ -328,17 +331,17 @@ def test_odir_kaggle_full_df_copy(tmp_path):
     per_eye.to_csv(root / "full_df.csv", index=False)
     config = preset_config("odir", data_root=str(root), train_csv=str(root / "full_df.csv"), image_size=64,
                            val_fraction=0.2, cache=False, verify_images=False)
-    splits = sources.build_datasets(config)
+    splits = build_datasets(config)
     assert len(splits.train) + len(splits.val) == 2 * len(ODIR_TRAIN) - 1
 
 
 def test_odir_score_reported_for_odir_only():
     targets = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=np.float32)
     probabilities = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.3, 0.4]])
-    scores = sources.dataset_scores(preset_config("odir"), "test", targets, probabilities)["odir_score"]
+    scores = dataset_scores(preset_config("odir"), "test", targets, probabilities)["odir_score"]
     # Every prediction is right at threshold 0.5: kappa = F1 = AUC = 1.
     assert scores == pytest.approx(dict(kappa=1.0, f1=1.0, auc=1.0, final=1.0))
-    assert sources.dataset_scores(preset_config("nih"), "test", targets, probabilities) == {}
+    assert dataset_scores(preset_config("nih"), "test", targets, probabilities) == {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def csv_config(root: Path, **overrides):
 
 def test_csv_one_column_per_class_hand_checked(tmp_path):
     root = make_csv(tmp_path)
-    splits = sources.build_datasets(csv_config(root, uncertain_label="zero"))
+    splits = build_datasets(csv_config(root, uncertain_label="zero"))
     # Classes from the header: the 0/1/-1/blank columns, No Finding excluded (it is derived) and last.
     assert splits.class_names == ["Atelectasis", "Cardiomegaly", "Effusion", "No Finding"]
     assert class_names_for(csv_config(root, uncertain_label="zero")) == splits.class_names
@@ -365,7 +368,7 @@ def test_csv_one_column_per_class_hand_checked(tmp_path):
                                              [0, 0, 1, 0],
                                              [0, 0, 0, 1],
                                              [1, 1, 0, 0]]
-    assert sources.build_datasets(csv_config(root, uncertain_label="one")).train.targets[0].tolist() == [1, 0, 1, 0]
+    assert build_datasets(csv_config(root, uncertain_label="one")).train.targets[0].tolist() == [1, 0, 1, 0]
     assert splits.test.targets.tolist() == [[0, 1, 0, 0], [0, 0, 0, 1], [1, 0, 1, 0]]
     assert splits.val.image_ids == ["p6/a.png", "p7/a.png"]
 
@@ -382,7 +385,7 @@ def test_csv_pipe_labels_classes_order_and_boxes(tmp_path):
     config = preset_config("synthetic", dataset="csv", train_csv=str(tmp_path / "train.csv"), test_csv=str(tmp_path / "test.csv"),
                            image_root=str(tmp_path / "img"), classes=("Nodule", "Mass", "Effusion"), boxes=str(tmp_path / "boxes.csv"),
                            val_fraction=0.2, image_size=64, cache=False)
-    splits = sources.build_datasets(config)
+    splits = build_datasets(config)
     assert splits.class_names == ["Nodule", "Mass", "Effusion", "No Finding"]
     #                                        No  Ma  Ef  NF
     assert splits.test.targets.tolist() == [[1, 0, 1, 0], [0, 0, 0, 1]]
@@ -428,13 +431,13 @@ def test_dicom_monochrome1_inverted_and_windowed(tmp_path):
     pixels = np.tile(np.array([0, 1000, 2000, 3000, 4095], dtype=np.uint16), (40, 8))  # 40 x 40
     write_dicom(tmp_path / "mono1.dcm", pixels, "MONOCHROME1", window=(2000, 2000))
     write_dicom(tmp_path / "mono2.dcm", pixels, "MONOCHROME2")
-    windowed = sources.read_image(tmp_path / "mono1.dcm", 1)
+    windowed = read_image(tmp_path / "mono1.dcm", 1)
     # Window [1000, 3000]: 0 and 1000 -> 0, 2000 -> 128, 3000 and 4095 -> 255; then inverted (MONOCHROME1).
     assert windowed.dtype == np.uint8 and windowed.shape == (40, 40)
     assert windowed[0, :5].tolist() == [255, 255, 127, 0, 0]
     # No window: the full range, not inverted.
-    assert sources.read_image(tmp_path / "mono2.dcm", 1)[0, :5].tolist() == [0, 62, 125, 187, 255]
-    assert sources.image_frame(tmp_path / "mono1.dcm") == (40, 40)
+    assert read_image(tmp_path / "mono2.dcm", 1)[0, :5].tolist() == [0, 62, 125, 187, 255]
+    assert image_frame(tmp_path / "mono1.dcm") == (40, 40)
 
 
 def test_csv_reads_dicom_images(tmp_path):
@@ -447,7 +450,7 @@ def test_csv_reads_dicom_images(tmp_path):
     (tmp_path / "test.csv").write_text("path,labels,patient_id\n" + "\n".join(rows[4:]) + "\n")
     config = preset_config("synthetic", dataset="csv", train_csv=str(tmp_path / "train.csv"), test_csv=str(tmp_path / "test.csv"),
                            label_column="labels", val_fraction=0.25, image_size=64, cache_dir=str(tmp_path / "cache"))
-    splits = sources.build_datasets(config)  # image root defaults to the CSV's folder; cached
+    splits = build_datasets(config)  # image root defaults to the CSV's folder; cached
     assert splits.class_names == ["Effusion", "No Finding"]
     assert splits.test.targets.tolist() == [[1, 0], [1, 0]]
     assert splits.test.load_image(0).shape == (68, 68)
@@ -462,7 +465,7 @@ def test_corrupt_image_mid_epoch_names_its_path(tmp_path):
     from datasets import EvalTransform, TransformedDataset
 
     root = make_nih(tmp_path / "nih")
-    splits = sources.build_datasets(nih_config(root, cache=False, verify_images=False))
+    splits = build_datasets(nih_config(root, cache=False, verify_images=False))
     broken = splits.test.image_paths[1]
     broken.write_bytes(broken.read_bytes()[:100])  # damaged after the pre-flight check
     with pytest.raises(UnreadableImage, match=broken.name):
@@ -484,7 +487,7 @@ def test_results_key_names_are_json_plain(tmp_path):
     root = make_odir(tmp_path / "odir")
     config = preset_config("odir", data_root=str(root), image_size=64, cache=False, verify_images=False,
                            odir_test_sets=("off-site", "on-site"))
-    splits = sources.build_datasets(config)
+    splits = build_datasets(config)
     assert sorted(splits.test.image_ids)[0] == "200_left.jpg" and list(splits.extra_tests) == ["onsite"]
     json.dumps(list(splits.extra_tests))
 
@@ -505,7 +508,7 @@ def test_csv_vindr_style_reader_rows_and_suffixless_dicom_ids(tmp_path):
     config = preset_config("synthetic", dataset="csv", train_csv=str(tmp_path / "image_labels_train.csv"),
                            test_csv=str(tmp_path / "image_labels_test.csv"), image_root=str(tmp_path / "images"),
                            val_fraction=0.25, image_size=64, cache=False)
-    splits = sources.build_datasets(config)
+    splits = build_datasets(config)
     assert splits.class_names == ["Aortic enlargement", "Cardiomegaly", "Pleural effusion", "No Finding"]
     merged = dict(zip(splits.train.image_ids + splits.val.image_ids,
                       np.concatenate([splits.train.targets, splits.val.targets]).tolist()))

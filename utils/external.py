@@ -3,7 +3,7 @@
     python main.py --eval-only --checkpoint CKPT --test-csv NEW.csv --image-root DIR [--boxes B.csv] --out-dir OUT
 
 Only the external set is read (never the checkpoint's training data, which the user may not have).
-It is read by the project's own CSV reader (``utils.sources.load_csv``: one 0/1 column per class or
+It is read by the project's own CSV reader (``data.csv_source.load_csv``: one 0/1 column per class or
 one ``|``-separated label column, uncertain labels, one row per reader merged, DICOM), then its
 classes are matched by name to the model's:
 
@@ -26,8 +26,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from datasets import DataError
-from utils import preflight, sources
+from data import preflight
+from data.base import NO_FINDING, DataError, UnreadableImage
+from data.csv_source import load_csv
+from data.images import read_image
+from data.pools import FileImageDataset
+from data.tables import read_box_file
+from utils.metrics import per_class_auc
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +77,7 @@ def external_config(config, command_line: dict):
 class ExternalSet:
     """The external set in the model's class space."""
 
-    dataset: sources.FileImageDataset  # targets [N, K] over the model's classes, No Finding derived
+    dataset: FileImageDataset  # targets [N, K] over the model's classes, No Finding derived
     source: Path
     evaluated: list[str]  # model diseases the set has, in the model's order
     missing: list[str]  # model diseases the set lacks (no AUC, left out of the mean)
@@ -86,7 +91,7 @@ class ExternalSet:
         return [names.index(name) for name in self.evaluated]
 
 
-def _channels(config, pool: sources.FileImageDataset) -> int:
+def _channels(config, pool: FileImageDataset) -> int:
     """As the model was trained: ODIR in colour, NIH and the synthetic data grey; a model trained on
     a CSV set takes colour if the new images are colour (grey X-rays stored as RGB stay grey)."""
     if config.dataset == "odir":
@@ -94,13 +99,13 @@ def _channels(config, pool: sources.FileImageDataset) -> int:
     if config.dataset != "csv" or not len(pool):
         return 1
     try:
-        image = sources.read_image(pool.image_paths[0], 3).astype(np.int16)
-    except preflight.UnreadableImage:
+        image = read_image(pool.image_paths[0], 3).astype(np.int16)
+    except UnreadableImage:
         return 1  # the decode check names it
     return 3 if np.abs(image - image.mean(axis=2, keepdims=True)).max() > 8 else 1
 
 
-def _attach_boxes(pool: sources.FileImageDataset, boxes: dict[str, list], where: str) -> None:
+def _attach_boxes(pool: FileImageDataset, boxes: dict[str, list], where: str) -> None:
     """Boxes by image as the box file names it: the CSV's image entry, or failing that its file name."""
     by_id = {image_id: index for index, image_id in enumerate(pool.image_ids)}
     by_name = {Path(image_id).name: index for index, image_id in enumerate(pool.image_ids)}
@@ -122,13 +127,13 @@ def build_external_set(config, class_names: list[str], label_map: dict[str, str]
     # load_csv reads a training list (whose header defines the classes), a validation list and a
     # test list; the external set is all three, so nothing is carved from it. Boxes are attached
     # below, to the one pool used.
-    plan = sources.load_csv(dataclasses.replace(config, dataset="csv", train_csv=str(path), val_csv=str(path),
+    plan = load_csv(dataclasses.replace(config, dataset="csv", train_csv=str(path), val_csv=str(path),
                                                 test_csv=str(path), boxes=""))
     pool = plan.pools["test"]
     if not len(pool):
         raise DataError(f"{path} lists no images")
     if config.boxes:
-        _attach_boxes(pool, sources.read_box_file(Path(config.boxes).expanduser(), pool.class_names), config.boxes)
+        _attach_boxes(pool, read_box_file(Path(config.boxes).expanduser(), pool.class_names), config.boxes)
     set_names = list(pool.class_names[:-1])
     stray = [old for old in label_map if old not in set_names]
     if stray:
@@ -173,22 +178,20 @@ def build_external_set(config, class_names: list[str], label_map: dict[str, str]
     if dropped:
         logger.warning("%s: %d boxes of labels the model has no class for were left out", config.boxes, dropped)
 
-    dataset = sources.FileImageDataset(
+    dataset = FileImageDataset(
         name=pool.name, source=str(path), image_paths=pool.image_paths, image_ids=pool.image_ids, targets=targets,
         class_names=class_names, channels=_channels(config, pool), boxes=boxes,
     )
     preflight.stat_images(dataset.image_paths, str(path))
     if config.verify_images:
         preflight.check_decodable(dataset, str(path), preflight.thread_count(config))
-    labels = ["|".join(renamed[s] for s in np.flatnonzero(row)) or sources.NO_FINDING for row in pool.targets[:, :-1]]
+    labels = ["|".join(renamed[s] for s in np.flatnonzero(row)) or NO_FINDING for row in pool.targets[:, :-1]]
     logger.info("%s: %d images; evaluating %s", path.name, len(dataset), ", ".join(evaluated) or "nothing")
     return ExternalSet(dataset, path, evaluated, missing, unknown, label_map, labels)
 
 
 def external_results(external: ExternalSet, probabilities: np.ndarray) -> dict:
     """results.json's content (before localisation): AUCs of the evaluated diseases and what was left out."""
-    from utils.metrics import per_class_auc
-
     columns = external.evaluated_columns
     disease_targets = external.dataset.targets[:, :-1]
     auc = per_class_auc(disease_targets[:, columns], probabilities[:, columns], external.evaluated)

@@ -26,6 +26,7 @@ numbers average its cases, the reported ``mean`` averages the classes.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from datasets import EvalTransform
 
 logger = logging.getLogger(__name__)
 
@@ -387,8 +390,6 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
     Works through the boxed images ``batch_size`` at a time, reading each once; every (image, disease)
     case of a batch is one row of the model batch, so an image with two boxed diseases appears twice.
     """
-    from datasets import EvalTransform  # local import: datasets imports torchvision transforms
-
     if not getattr(dataset, "boxes", None):
         return None
     unknown = [method for method in methods if method not in METHODS]
@@ -516,8 +517,6 @@ def _number(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the localisation table of each results.json (or run directory) given."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m utils.localisation",
         description="Print the weakly-supervised localisation table(s) stored in results.json "

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from utils.prototype_quality import quality_scalars
+from utils.visualise import GalleryEntry, gallery_figure, iter_prototype_views, shrink
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class TensorBoardLog:
     def __init__(self, log_dir: str | Path | None = None, purge_step: int | None = None):
         self.writer = None
         if log_dir is not None:
+            # Optional dependency: a run with --no-tensorboard works without the package installed.
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
@@ -182,8 +184,6 @@ def read_rgb(path: Path) -> np.ndarray:
 def gallery_images(model, dataset, image_size: int, batch_size: int = 16) -> dict[str, np.ndarray]:
     """One RGB gallery per class with pushed prototypes, rendered in memory (Agg canvas) by the
     figure push.py writes to disk (utils/visualise.py ``gallery_figure``)."""
-    from utils.visualise import GalleryEntry, gallery_figure, iter_prototype_views, shrink
-
     entries: dict[int, list] = defaultdict(list)
     for view in iter_prototype_views(model, dataset, image_size, batch_size=batch_size):
         entries[view.class_index].append(GalleryEntry.of(view, max_side=GALLERY_CELL_SIDE))

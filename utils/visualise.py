@@ -26,7 +26,12 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from datasets import EvalTransform, class_names_for
+from model import CIPL
+from settings import Config
+from utils.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from utils.localisation import high_activation_boxes, normalise_maps, upsample_maps
+from utils.training import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +54,6 @@ def load_model_from_checkpoint(path, device: str = "cpu", data_root: str = ""):
     checkpoint. The backbone is built without ImageNet weights (the checkpoint replaces them), so
     this works offline whatever the run's ``pretrained`` setting.
     """
-    from model import CIPL
-    from settings import Config
-    from utils.checkpoint import CheckpointError, check_compatible, load_checkpoint
-    from utils.training import resolve_device
-
     state = load_checkpoint(path)
     for key in ("config", "model"):
         if key not in state:
@@ -68,8 +68,6 @@ def load_model_from_checkpoint(path, device: str = "cpu", data_root: str = ""):
         config.device = device
     class_names = state.get("class_names")
     if not class_names:
-        from datasets import class_names_for
-
         class_names = class_names_for(config)
     model = CIPL(class_names, backbone=config.backbone, prototype_dim=config.prototype_dim,
                  prototypes_per_class=config.prototypes_per_class)
@@ -290,8 +288,6 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
     The source images are read and run through the network once each, in batches; the distance map of
     every prototype to its own image is taken for all prototypes of a batch at once.
     """
-    from datasets import EvalTransform
-
     source = model.prototype_source_index.cpu().numpy()
     if prototypes is None:
         prototypes = np.flatnonzero(source >= 0).tolist()

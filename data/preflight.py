@@ -1,9 +1,9 @@
 """Pre-flight checks: catch bad input before the first training step.
 
-``utils.sources.build_datasets`` runs these, and ``main.train`` calls it before the run directory is
-created, so a failure leaves nothing that looks like a run behind. Every failure is one
-:class:`datasets.DataError` whose message names the file, the column or the images at fault; the
-command line turns it into one error line and exit status 2.
+``data.pools.build_splits`` runs these for every file-based source, and ``main.train`` builds the
+data before the run directory is created, so a failure leaves nothing that looks like a run behind.
+Every failure is one :class:`data.base.DataError` whose message names the file, the column or the
+images at fault; the command line turns it into one error line and exit status 2.
 
 Checks, cheapest first:
 
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from datasets import DataError
+from data.base import DataError, UnreadableImage
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +34,6 @@ MIN_IMAGE_SIZE = 32  # the backbones have stride 32: below this there is no feat
 MAX_IMAGE_SIZE = 4096
 MIN_SOURCE_SIDE = 32  # a decoded image smaller than this is a thumbnail or a broken export
 SHOWN_OFFENDERS = 5
-
-
-class UnreadableImage(DataError):
-    """One image that cannot be used; the message names its path (also when raised mid-epoch)."""
-
-    def __init__(self, path, reason: str | None = None):
-        # One-argument form: a DataLoader worker re-raises exceptions as type(message), and the
-        # error must stay a DataError (exit status 2, one line) with the path in its message.
-        super().__init__(str(path) if reason is None else f"cannot use image {path}: {reason}")
-        self.path = str(path)
-        self.reason = reason or str(path)
 
 
 def plural(count: int, noun: str) -> str:

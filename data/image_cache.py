@@ -33,8 +33,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from datasets import DataError, MultiLabelDataset
-from utils import preflight
+from data import preflight
+from data.base import DataError, MultiLabelDataset
 
 logger = logging.getLogger(__name__)
 

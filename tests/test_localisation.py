@@ -85,14 +85,28 @@ def test_case_scores_take_the_best_of_several_boxes_and_summaries_average_classe
 
 
 # -- maps from the model ---------------------------------------------------------------------------
-def test_class_evidence_is_the_max_over_that_class_prototypes():
+def test_class_evidence_is_the_last_layer_weighted_sum_of_prototype_maps():
     torch.manual_seed(0)
     similarity = torch.rand(2, 6, 3, 4)
-    prototype_class = torch.tensor([2, 0, 1, 0, 2, 2])  # deliberately not grouped
-    evidence = loc.class_evidence_maps(similarity, prototype_class, 3)
-    for c in range(3):
-        members = [j for j in range(6) if prototype_class[j] == c]
-        torch.testing.assert_close(evidence[:, c], similarity[:, members].max(dim=1).values)
+    weight = torch.rand(3, 6) * (torch.rand(3, 6) > 0.4)  # any pattern of weights, zeros included
+    evidence = loc.class_evidence_maps(similarity, weight)
+    for n in range(2):
+        for c in range(3):
+            expected = sum(weight[c, j] * similarity[n, j] for j in range(6))
+            torch.testing.assert_close(evidence[n, c], expected)
+
+
+def test_one_prototype_that_matches_everything_does_not_decide_the_map():
+    """Seven prototypes peak on the lesion cell (2, 1); one matches every cell at 0.999. A max over the
+    class's maps would follow the flat one (its value beats every peak); the weighted sum does not."""
+    similarity = torch.full((1, 8, 4, 4), 0.9)
+    similarity[0, :7, 2, 1] = 0.99
+    similarity[0, 7] = 0.999
+    similarity[0, 7, 0, 3] = 0.9995
+    weight = torch.ones(1, 8)
+    evidence = loc.class_evidence_maps(similarity, weight)[:, 0].numpy()
+    np.testing.assert_allclose(loc.peak_points(evidence, 16), [[10.0, 6.0]])  # centre of cell (2, 1)
+    np.testing.assert_allclose(loc.peak_points(similarity.max(dim=1).values.numpy(), 16), [[2.0, 14.0]])
 
 
 def tiny_model(seed=0) -> CIPL:
@@ -108,13 +122,15 @@ def test_cipl_maps_are_the_evidence_of_the_requested_class_at_feature_map_resolu
     model = tiny_model()
     images = torch.randn(3, 3, 64, 64)
     classes = torch.tensor([0, 2, 1])
+    model.last_layer.weight.data[1, 0] = 0.5  # an off-class weight counts with its value
     maps = loc.cipl_maps(model, images, classes)
     assert maps.shape == (3, 8, 8)  # the tiny backbone has stride 8
     with torch.no_grad():
         output = model(images)
     for i, c in enumerate(classes.tolist()):
-        own = output.similarity_maps[i, model.prototype_class == c].max(dim=0).values
-        torch.testing.assert_close(maps[i], own)
+        weight = model.last_layer.weight[c]
+        expected = (weight[:, None, None] * output.similarity_maps[i]).sum(dim=0)
+        torch.testing.assert_close(maps[i], expected)
 
 
 # -- pointing game: the peak is located on the map itself --------------------------------------------

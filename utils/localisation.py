@@ -2,7 +2,11 @@
 
 Two maps are compared on the same model, for the ground-truth class of every boxed test image:
 
-* ``cipl``: the class evidence map, max over that class's prototype similarity maps exp(-d/D);
+* ``cipl``: the class evidence map E_c(h, w) = sum_j W_cj exp(-d_j(h, w) / D), each prototype's
+  similarity map weighted by its last-layer weight: where the class logit l_c = sum_j W_cj max_hw
+  exp(-d_j / D) gets its evidence from. (A max over the class's maps instead lets one prototype that
+  matches every image at ~0.999, which contributes a constant to the logit, decide the map alone;
+  measured on synthetic runs its pointing game swung between 0.17 and 0.64, the weighted sum's did not);
 * ``gradcam``: Grad-CAM from the ``grad-cam`` package (pytorch_grad_cam) on the same network, with
   the disease's logit margin l_c - l_NF as the target, since P(c) = sigmoid(l_c - l_NF) is what the
   model reports.
@@ -238,20 +242,21 @@ def summarise(scores: CaseScores, case_class: np.ndarray, class_names: list[str]
 # ----------------------------------------------------------------------------------------------
 # Maps from the model
 # ----------------------------------------------------------------------------------------------
-def class_evidence_maps(similarity_maps: Tensor, prototype_class: Tensor, num_classes: int) -> Tensor:
-    """Max over each class's prototype similarity maps: [N, P, H, W] -> [N, K, H, W]."""
-    count, _, height, width = similarity_maps.shape
-    evidence = similarity_maps.new_full((count, num_classes, height, width), float("-inf"))
-    index = prototype_class.to(similarity_maps.device).view(1, -1, 1, 1).expand_as(similarity_maps)
-    return evidence.scatter_reduce_(1, index, similarity_maps, "amax")
+def class_evidence_maps(similarity_maps: Tensor, last_layer_weight: Tensor) -> Tensor:
+    """Every class's evidence map, sum_j W_cj S_j(h, w): [N, P, H, W] and W [K, P] -> [N, K, H, W].
+
+    Its maximum over (h, w) is not the logit (the logit takes each prototype's own maximum), but each
+    prototype adds its map in the proportion it adds to the logit, so the map shows where the class's
+    evidence lies. Off-class weights are zero after a last-layer stage; they count if they are not."""
+    return torch.einsum("kp,nphw->nkhw", last_layer_weight.to(similarity_maps.dtype), similarity_maps)
 
 
 @torch.no_grad()
 def cipl_maps(model, images: Tensor, class_indices: Tensor) -> Tensor:
     """Class evidence maps of ``class_indices[i]`` for ``images[i]``, at feature-map resolution: [N, h, w]."""
     output = model(images)
-    evidence = class_evidence_maps(output.similarity_maps, model.prototype_class, model.num_classes)
-    return evidence[torch.arange(len(images), device=evidence.device), class_indices.to(evidence.device)]
+    weight = model.last_layer.weight[class_indices.to(output.similarity_maps.device)]  # [N, P]
+    return torch.einsum("np,nphw->nhw", weight.to(output.similarity_maps.dtype), output.similarity_maps)
 
 
 class DiseaseMarginTarget:

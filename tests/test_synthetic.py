@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
+from utils import synthetic
 from utils.synthetic import (
     SYNTHETIC_CLASS_NAMES, SYNTHETIC_DISEASES, SyntheticCase, case_seed, disease_prevalence, render_case,
 )
@@ -179,13 +181,61 @@ def test_diseases_co_occur_like_nih_but_each_also_appears_alone(train_targets):
         assert (diseases[:, index] & only_one).mean() > 0.01, f"{name} is (almost) never alone"
 
 
-def test_lesions_change_the_pixels_inside_their_boxes(train_cases, train_targets):
-    """Compare each lesion box with the same box in normal images.
+@pytest.fixture(scope="module")
+def centred_cases() -> list[SyntheticCase]:
+    """The training cases with the patient pose switched off (same draws otherwise), so that a box
+    covers the same anatomy in every image."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthetic, "_POSE_SHIFT", 0.0)
+        patch.setattr(synthetic, "_POSE_ZOOM", 0.0)
+        return [render_case(case_seed(0, "train", index), STATS_SIZE) for index in range(STATS_CASES)]
+
+
+def test_patient_pose_moves_image_and_boxes_together(centred_cases, train_cases):
+    shifts = np.array([case.pose for case in train_cases])
+    assert np.abs(shifts[:, :2]).max() <= synthetic._POSE_SHIFT and np.abs(shifts[:, 2] - 1).max() <= synthetic._POSE_ZOOM
+    assert shifts[:, 0].std() > synthetic._POSE_SHIFT / 3  # spread, not a constant offset
+    size = STATS_SIZE
+    for centred, posed in zip(centred_cases[:200], train_cases[:200]):
+        np.testing.assert_array_equal(centred.target, posed.target)
+        assert centred.pose == (0.0, 0.0, 1.0)
+        shift_x, shift_y, scale = posed.pose
+        for (label, x, y, w, h), (posed_label, *posed_box) in zip(centred.boxes, posed.boxes):
+            # The centred box, zoomed about the image centre and shifted, then clipped to the image.
+            left, top = size / 2 + scale * (x - size / 2) + shift_x * size, size / 2 + scale * (y - size / 2) + shift_y * size
+            right, bottom = left + scale * w, top + scale * h
+            expected = np.clip([left, top, right, bottom], 0, size)
+            got = np.array([posed_box[0], posed_box[1], posed_box[0] + posed_box[2], posed_box[1] + posed_box[3]])
+            assert posed_label == label
+            np.testing.assert_allclose(got, expected, atol=1.0)
+    # The image is the centred scene warped the same way (up to the noise drawn after the warp).
+    size = 96
+    for index in range(12):
+        seed = case_seed(0, "train", index)
+        posed = render_case(seed, size)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(synthetic, "_POSE_SHIFT", 0.0)
+            patch.setattr(synthetic, "_POSE_ZOOM", 0.0)
+            centred = render_case(seed, size)
+        shift_x, shift_y, scale = posed.pose
+        matrix = np.array([[scale, 0, (1 - scale) * (size / 2 - 0.5) + shift_x * size],
+                           [0, scale, (1 - scale) * (size / 2 - 0.5) + shift_y * size]])
+        smooth = lambda image: cv2.GaussianBlur(image.astype(np.float32), (0, 0), 2.0)[12:-12, 12:-12]
+        warped = cv2.warpAffine(centred.image.astype(np.float32), matrix, (size, size), borderMode=cv2.BORDER_REPLICATE)
+        error = np.abs(smooth(warped) - smooth(posed.image)).mean()
+        unwarped = np.abs(smooth(centred.image) - smooth(posed.image)).mean()
+        assert error < 2.0 and (error < 0.5 * unwarped or abs(shift_x) + abs(shift_y) + abs(scale - 1) < 0.02)
+
+
+def test_lesions_change_the_pixels_inside_their_boxes(centred_cases, train_targets):
+    """Compare each lesion box with the same box in normal images (patient pose off, so a box covers
+    the same anatomy everywhere).
 
     Images are normalised by their own median and 10-90 % spread to remove exposure differences. The
     reference is the mean normalised normal image (half of the normals); a control measures unseen
     normal images through the same boxes. If a lesion were not drawn, lesion and control would agree.
     """
+    train_cases = centred_cases
     images = np.stack([case.image for case in train_cases]).astype(np.float32)
     flat = images.reshape(len(images), -1)
     low, median, high = np.percentile(flat, [10, 50, 90], axis=1)

@@ -78,6 +78,10 @@ _COMPANIONS: dict[int, tuple[tuple[int, float], ...]] = {
     _PNEUMOTHORAX: (),
 }
 _INCIDENTAL_PROBABILITY = 0.08
+# Patient positioning: the chest is shifted by up to this share of the side and zoomed by up to
+# this factor either way (a few centimetres and a few percent of film distance on a real radiograph).
+_POSE_SHIFT = 0.08
+_POSE_ZOOM = 0.08
 _MAX_DISEASES = 3
 # The two strongly co-occurring pairs (P(companion | disease) about 0.6): where a classifier can score by
 # recognising the companion, and where CIPL's cross-image term claims to help.
@@ -92,11 +96,14 @@ class SyntheticCase:
     target: float32 (K,) multi-hot over SYNTHETIC_CLASS_NAMES; the last column is 1 iff no disease.
     boxes: (class_index, x, y, w, h) in pixels, top-left origin, one per lesion (a Nodule occurrence
         has one box per nodule); empty for a normal case.
+    pose: (shift_x, shift_y, scale) of the patient in the field: the centred scene is zoomed by scale
+        about the image centre and shifted by shift x size pixels (boxes already include it).
     """
 
     image: np.ndarray
     target: np.ndarray
     boxes: tuple[tuple[int, float, float, float, float], ...]
+    pose: tuple[float, float, float] = (0.0, 0.0, 1.0)
 
 
 def case_seed(split_seed: int, split: str, index: int) -> int:
@@ -205,6 +212,20 @@ class _Anatomy:
     clavicle_amplitude: float
     vessels: np.ndarray  # (n, 5) segments: x0, y0, x1, y1, calibre (relative)
     vessel_amplitude: float
+
+
+@dataclass(frozen=True)
+class _Pose:
+    """Where the patient stands in the field: a shift (fractions of the side) and a zoom about the centre."""
+
+    shift_x: float
+    shift_y: float
+    scale: float
+
+    def apply(self, x: float, y: float, size: int) -> tuple[float, float]:
+        """A point (pixels, our convention) of the centred scene -> where it appears in the image."""
+        centre = 0.5 * size
+        return centre + self.scale * (x - centre) + self.shift_x * size, centre + self.scale * (y - centre) + self.shift_y * size
 
 
 @dataclass(frozen=True)
@@ -405,6 +426,33 @@ def _sample_anatomy(rng: np.random.Generator, cardiomegaly: bool) -> _Anatomy:
         vessels=_sample_vessels(rng, lungs),
         vessel_amplitude=rng.uniform(0.04, 0.08),
     )
+
+
+def _sample_pose(rng: np.random.Generator) -> _Pose:
+    """Patient positioning varies from film to film: the chest is not always centred or at the same
+    distance. Without this every lesion class would sit on the same few pixels of every image, and a
+    map could point at a disease from its usual position alone, without looking at the image."""
+    return _Pose(shift_x=rng.uniform(-_POSE_SHIFT, _POSE_SHIFT), shift_y=rng.uniform(-_POSE_SHIFT, _POSE_SHIFT),
+                 scale=rng.uniform(1.0 - _POSE_ZOOM, 1.0 + _POSE_ZOOM))
+
+
+def _apply_pose(density: np.ndarray, pose: _Pose, size: int) -> np.ndarray:
+    """Warp the centred scene to the patient's pose; what enters at the edges repeats the border."""
+    # cv2 puts pixel centres at integers, this module at i + 0.5: the offset accounts for both.
+    offset_x = (1.0 - pose.scale) * (0.5 * size - 0.5) + pose.shift_x * size
+    offset_y = (1.0 - pose.scale) * (0.5 * size - 0.5) + pose.shift_y * size
+    matrix = np.array([[pose.scale, 0.0, offset_x], [0.0, pose.scale, offset_y]], dtype=np.float64)
+    return cv2.warpAffine(density, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _pose_box(box: _Box, pose: _Pose, size: int) -> _Box:
+    """A lesion box of the centred scene, moved with the patient and clipped to the image."""
+    x, y, w, h = box
+    left, top = pose.apply(x, y, size)
+    right, bottom = pose.apply(x + w, y + h, size)
+    left, top = min(max(left, 0.0), size - 1.0), min(max(top, 0.0), size - 1.0)
+    right, bottom = min(max(right, left + 1.0), float(size)), min(max(bottom, top + 1.0), float(size))
+    return (left, top, right - left, bottom - top)
 
 
 def _sample_exposure(rng: np.random.Generator) -> _Exposure:
@@ -812,6 +860,7 @@ def render_case(seed: int, image_size: int, decorrelated: bool = False) -> Synth
     nodules = _sample_nodules(rng, anatomy) if _NODULE in diseases else None
     pneumothorax = _sample_pneumothorax(rng) if _PNEUMOTHORAX in diseases else None
     exposure = _sample_exposure(rng)
+    pose = _sample_pose(rng)
     boxes: dict[int, list[_Box]] = {disease: [] for disease in sorted(diseases)}
 
     xs, ys = _grid(size)
@@ -877,6 +926,8 @@ def render_case(seed: int, image_size: int, decorrelated: bool = False) -> Synth
     density[clavicle_window] += np.float32(anatomy.clavicle_amplitude) * clavicles * body[clavicle_window]
     vessel_window, vessels = _draw_vessels(anatomy, size)
     density[vessel_window] += np.float32(anatomy.vessel_amplitude) * vessels * aerated_lung[vessel_window]
+    density = _apply_pose(density, pose, size)
+    # Uneven exposure belongs to the detector, not to the patient: it stays where it is.
     density += np.float32(exposure.shading_amplitude / 3.0) * _smooth_field(exposure.shading, xs, ys)
 
     # Detector response: per-image gamma, contrast and brightness, then quantum noise.
@@ -893,6 +944,6 @@ def render_case(seed: int, image_size: int, decorrelated: bool = False) -> Synth
     flat_boxes = tuple(
         (int(disease), float(x), float(y), float(w), float(h))
         for disease, found in boxes.items()
-        for x, y, w, h in found
+        for x, y, w, h in (_pose_box(box, pose, size) for box in found)
     )
-    return SyntheticCase(image=image, target=target, boxes=flat_boxes)
+    return SyntheticCase(image=image, target=target, boxes=flat_boxes, pose=(pose.shift_x, pose.shift_y, pose.scale))

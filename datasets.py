@@ -140,6 +140,7 @@ class TwoViewTransform:
     The shared part (random resized crop to margin x size, one RandAugment-style op, flips, affine)
     is drawn once per image so both views show the same geometry; each view then gets its own
     photometric jitter, blur and a tiny resized crop, so the EMA teacher's view differs only slightly.
+    With ``config.strong_augmentation`` off the shared part is left out.
     """
 
     def __init__(self, config):
@@ -171,6 +172,8 @@ class TwoViewTransform:
             v2.RandomApply([RandomGaussianBlur(0.5 * size / 512, 2.0 * size / 512)], p=0.5),
             v2.RandomResizedCrop(size, scale=(0.95, 1.0), ratio=(0.95, 1.05), antialias=True),
         ])
+        if not config.strong_augmentation:
+            self.shared = v2.Identity()
 
     def __call__(self, image: np.ndarray) -> tuple[Tensor, Tensor]:
         shared = self.shared(to_image_tensor(image))

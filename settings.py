@@ -52,6 +52,7 @@ class Config:
     samples_per_epoch: int = 0  # anchors drawn per epoch; 0 = number of training images
 
     # --- augmentation (METHOD.md "Pair sampling and views") ---------------------------------
+    strong_augmentation: bool = True  # the shared strong transform; off: only the two views' own jitter
     crop_margin: float = 1.0625
     crop_scale_min: float = 0.5
     affine_degrees: float = 45.0
@@ -158,14 +159,13 @@ PRESETS: dict[str, dict] = {
     # The built-in proving ground: small enough to train, push and test on a 2-core CPU in minutes.
     # The schedule keeps the paper's shape (warm-up -> paired -> push + last layer, twice).
     "synthetic": dict(
-        preset="synthetic", dataset="synthetic", backbone="tiny", pretrained=False, num_workers=1,
-        image_size=128, prototype_dim=64, prototypes_per_class=8,
+        preset="synthetic", dataset="synthetic", backbone="tiny", pretrained=False, num_workers=0,
+        channels_last=True, image_size=128, prototype_dim=64, prototypes_per_class=8,
         synthetic_train_size=1600, synthetic_val_size=400, synthetic_test_size=800,
-        epochs=12, warmup_epochs=5, push_epochs=(9, 11), last_layer_epochs=2, samples_per_epoch=1200,
+        epochs=11, warmup_epochs=4, push_epochs=(8, 10), last_layer_epochs=1, samples_per_epoch=800,
         batch_size=16, lr_milestones=(8,), class_weight_cap=10.0,
-        lr_backbone=1e-3,  # trained from scratch here, unlike the paper's ImageNet-initialised DenseNet
-        affine_degrees=15.0, affine_translate=0.06, affine_scale_min=0.9, affine_scale_max=1.1,
-        affine_shear=10.0, crop_scale_min=0.8, ema_decay=0.99,
+        lr_backbone=1e-3, lr_last_layer=1e-2,
+        strong_augmentation=False, ema_decay=0.99,
     ),
 }
 
@@ -403,6 +403,9 @@ _HELP = {
                    "(paper: 1.0625); the image cache stores images at this size",
     "crop_scale_min": "smallest share of the image's area the random resized crop keeps, in (0, 1] "
                       "(paper: 0.5)",
+    "strong_augmentation": "apply METHOD.md's shared strong transform (resized crop, one RandAugment-style op, "
+                           "flips, affine) before the two views; off: each view gets only its own photometric "
+                           "jitter, blur and tiny crop (the crop and affine options below then do nothing)",
     "affine_degrees": "largest random rotation, in degrees either way (paper: 45 NIH, 30 ODIR)",
     "affine_translate": "largest random shift, as a share of the image side (paper: 0.3)",
     "affine_scale_min": "smallest random zoom factor (paper: 0.7 NIH, 0.8 ODIR)",
@@ -448,7 +451,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "prediction_alignment",
     ),
     "augmentation": (
-        "crop_margin", "crop_scale_min", "affine_degrees", "affine_translate", "affine_scale_min", "affine_scale_max",
+        "strong_augmentation", "crop_margin", "crop_scale_min", "affine_degrees", "affine_translate", "affine_scale_min", "affine_scale_max",
         "affine_shear",
     ),
     "evaluation": ("eval_batch_size", "localisation_threshold", "gradcam_layer"),

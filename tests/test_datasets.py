@@ -91,6 +91,25 @@ def test_two_views_are_nearly_aligned_but_not_identical():
     assert correlation(view, view_prime) > correlation(view, other) + 0.1
 
 
+def test_strong_augmentation_switch_keeps_or_drops_the_shared_geometry():
+    dataset = SyntheticChestXrays("train", 8, 64, seed=0)
+    plain = EvalTransform(64)
+
+    def mean_correlation(strong: bool) -> float:
+        transform = TwoViewTransform(preset_config("synthetic", image_size=64, strong_augmentation=strong))
+        torch.manual_seed(1)
+        values = []
+        for index in range(8):
+            view, _ = transform(dataset.load_image(index))
+            reference = plain(dataset.load_image(index))
+            values.append(float(torch.corrcoef(torch.stack([view[0].flatten(), reference[0].flatten()]))[0, 1]))
+        return float(np.mean(values))
+
+    # Without the shared transform a view is the image up to photometric jitter and a tiny crop.
+    assert mean_correlation(False) > 0.85
+    assert mean_correlation(True) < mean_correlation(False) - 0.1
+
+
 def test_eval_transform_is_deterministic_and_normalised():
     image = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
     a = EvalTransform(64)(image)

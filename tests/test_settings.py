@@ -51,8 +51,10 @@ def test_help_shows_the_defaults_of_the_preset_on_the_command_line(preset, image
     assert f"--image-size N side of the square images the network sees, in pixels (paper: 512); a multiple of 32 " \
            f"(default with --preset {preset}: {image_size})" in text
     assert f"(default with --preset {preset}: {backbone})" in text
-    shear = {"nih": "40.0", "odir": "25.0", "synthetic": "10.0"}[preset]
+    shear = {"nih": "40.0", "odir": "25.0", "synthetic": "40.0"}[preset]
     assert f"largest random shear, in degrees either way (paper: 40 NIH, 25 ODIR) (default with --preset {preset}: {shear})" in text
+    strong = {"nih": "on", "odir": "on", "synthetic": "off"}[preset]
+    assert f"(the crop and affine options below then do nothing) (default with --preset {preset}: {strong})" in text
 
 
 def test_every_preset_is_valid():
@@ -83,7 +85,7 @@ BAD_VALUES = [
     (["--affine-translate", "2"], "--affine-translate 2.0"),
     (["--affine-degrees", "200"], "--affine-degrees 200.0"),
     (["--affine-shear", "90"], "--affine-shear 90.0"),
-    (["--affine-scale-min", "1.5"], "--affine-scale-min 1.5 exceeds --affine-scale-max 1.1"),
+    (["--affine-scale-max", "1.1", "--affine-scale-min", "1.5"], "--affine-scale-min 1.5 exceeds --affine-scale-max 1.1"),
     (["--crop-margin", "0.9"], "--crop-margin 0.9 must be at least 1"),
     (["--lr-backbone", "-0.1"], "--lr-backbone -0.1 must be 0 or more"),
     (["--lr-last-layer", "-1"], "--lr-last-layer -1.0"),
@@ -101,9 +103,9 @@ BAD_VALUES = [
     (["--uncertain-label", "maybe"], "--uncertain-label maybe is not one of error, zero, one"),
     (["--gradcam-layer", "head"], "--gradcam-layer head is not one of backbone, add_on"),
     (["--odir-test-sets", "onsite"], "--odir-test-sets: unknown set(s) onsite"),
-    (["--warmup-epochs", "13"], "--warmup-epochs 13 exceeds --epochs 12"),
-    (["--push-epochs", "12"], "--push-epochs [12] outside the 12 epochs (0..11)"),
-    (["--push-epochs", "11", "9"], "--push-epochs 11 9 must be increasing"),
+    (["--epochs", "12", "--warmup-epochs", "13"], "--warmup-epochs 13 exceeds --epochs 12"),
+    (["--epochs", "12", "--push-epochs", "12"], "--push-epochs [12] outside the 12 epochs (0..11)"),
+    (["--epochs", "12", "--push-epochs", "11", "9"], "--push-epochs 11 9 must be increasing"),
     (["--lr-milestones", "8", "4"], "--lr-milestones 8 4 must be increasing"),
     (["--lr-milestones", "0"], "--lr-milestones 0 must be epochs from 1 on"),
     (["--label-map", "A=B"], "--label-map and --ignore-unknown-labels apply to --eval-only --test-csv"),

@@ -128,6 +128,8 @@ def test_grounding_on_hand_built_maps(monkeypatch):
     assert grounding["evaluable"].tolist() == [True, False, True, True, False, False]  # NF never counts
     assert grounding["grounded"].tolist() == [True, False, False, False, False, False]
     assert grounding["at_lesion"].tolist() == [True, False, True, False, False, False]
+    # A's box (30 x 30 = 900 px of 2500) can hold half of a 5% box (62.5 px); B's 5 x 5 box (25 px) cannot.
+    assert grounding["reachable"].tolist() == [True, False, False, False, False, False]
     assert grounding["iobb"][0] == pytest.approx(1.0) and grounding["iobb"][3] == 0.0 and np.isnan(grounding["iobb"][1])
     assert 0.0 < grounding["iobb"][2] < 0.5
 
@@ -136,6 +138,7 @@ def test_grounding_on_hand_built_maps(monkeypatch):
     assert report["per_class"]["B"]["grounded"] == 0.0 and report["per_class"]["B"]["at_lesion"] == 0.5
     assert "grounded" not in report["per_class"]["No Finding"]
     assert report["overall"]["grounded"] == pytest.approx(1 / 3) and report["overall"]["at_lesion"] == pytest.approx(2 / 3)
+    assert report["overall"]["grounding_reachable"] == pytest.approx(1 / 3)
 
 
 def test_grounding_is_absent_without_boxes():

@@ -11,7 +11,10 @@ overall:
   (95th percentile of the upsampled similarity map, connected component of the maximum; the box the
   galleries draw) overlaps a ground-truth box of the prototype's class with IoBB >= 0.5. Only where the
   training split has boxes; prototypes whose source image has no box of their class are not counted.
-  ``at_lesion`` is the stricter companion: the pushed feature-map cell's centre lies inside such a box.
+  ``at_lesion`` is the companion for small lesions: the pushed feature-map cell's centre lies inside
+  such a box. ``reachable`` is the share whose lesion box is at least half the size of a
+  high-activation region (5% of the image): a smaller lesion (a nodule, a thin band) cannot hold half
+  of a box drawn around 5% of the image, so no model can ground those prototypes by this definition.
 * **selectivity** -- per prototype, its mean score max_hw exp(-d/D) on images *with* its class minus on
   images *without* it. A prototype that fires on everything scores ~0.
 
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 COLLAPSE_SHARE = 0.25  # more than this share of a class's prototypes on one location or image
 GROUNDING_IOBB = 0.5
+HIGH_ACTIVATION_SHARE = 0.05  # the 95th-percentile region covers 5% of the image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +189,8 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     """Grounding of every pushed disease prototype whose source image has a box of its class.
 
     Returns arrays [P]: ``evaluable`` (bool), ``iobb`` (best IoBB, NaN where not evaluable),
-    ``grounded`` (IoBB >= 0.5) and ``at_lesion`` (pushed cell centre inside a box); None when the
+    ``grounded`` (IoBB >= 0.5), ``at_lesion`` (pushed cell centre inside a box) and ``reachable`` (its
+    largest lesion box holds at least half of HIGH_ACTIVATION_SHARE of the image); None when the
     dataset has no boxes at all. Boxes are scaled from the image's own pixels into the model's
     image_size x image_size frame, where the maps live.
     """
@@ -199,6 +204,8 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     disease = (source >= 0) & (classes != model.no_finding_index)
     truth, owner = [], []
     evaluable = np.zeros(num_prototypes, dtype=bool)
+    reachable = np.zeros(num_prototypes, dtype=bool)
+    smallest_groundable = GROUNDING_IOBB * HIGH_ACTIVATION_SHARE * image_size**2
     chosen = np.flatnonzero(disease)
     shapes = {}
     for slot, prototype in enumerate(chosen):  # a few hundred records; gathers boxes, no tensor work
@@ -211,9 +218,11 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
         height, width = shapes[index]
         scale = np.array([image_size / width, image_size / height, image_size / width, image_size / height])
         evaluable[prototype] = True
-        truth.extend(np.asarray(box, np.float64) * scale for box in own)
+        scaled = [np.asarray(box, np.float64) * scale for box in own]
+        reachable[prototype] = max(box[2] * box[3] for box in scaled) >= smallest_groundable
+        truth.extend(scaled)
         owner.extend([slot] * len(own))
-    result = dict(evaluable=evaluable, iobb=np.full(num_prototypes, np.nan),
+    result = dict(evaluable=evaluable, iobb=np.full(num_prototypes, np.nan), reachable=reachable,
                   grounded=np.zeros(num_prototypes, bool), at_lesion=np.zeros(num_prototypes, bool))
     if not evaluable.any():
         return result
@@ -261,6 +270,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
             entry["grounding_evaluable"] = int(evaluable.sum())
             entry["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
             entry["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
+            entry["grounding_reachable"] = _mean_or_none(grounding["reachable"][evaluable]) if evaluable.any() else None
             entry["mean_iobb"] = _mean_or_none(grounding["iobb"][evaluable])
         if selectivity is not None:
             entry["selectivity"] = _mean_or_none(selectivity[members])
@@ -280,6 +290,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
         overall["grounding_evaluable"] = int(evaluable.sum())
         overall["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
         overall["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
+        overall["grounding_reachable"] = _mean_or_none(grounding["reachable"][evaluable]) if evaluable.any() else None
     if selectivity is not None:
         overall["selectivity"] = _mean_or_none(selectivity[disease])
         overall["selectivity_no_finding"] = _mean_or_none(selectivity[~disease])
@@ -327,7 +338,8 @@ def quality_scalars(report: dict) -> dict[str, float]:
 
 def format_quality(report: dict) -> str:
     """The prototype-quality figures as a small fixed-width table for the log."""
-    lines = [f"{'class':<16} {'n':>3} {'images':>6} {'cells':>5} {'top cell':>8} {'grounded':>8} {'at lesion':>9} {'select':>7}"]
+    lines = [f"{'class':<16} {'n':>3} {'images':>6} {'cells':>5} {'top cell':>8} {'grounded':>8} {'reachable':>9} "
+             f"{'at lesion':>9} {'select':>7}"]
 
     def number(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -335,9 +347,11 @@ def format_quality(report: dict) -> str:
     for name, entry in report["per_class"].items():
         lines.append(f"{name[:16]:<16} {entry['prototypes']:>3} {entry['distinct_images']:>6} {entry['distinct_locations']:>5} "
                      f"{entry['largest_location_share']:>8.2f} {number(entry.get('grounded')):>8} "
-                     f"{number(entry.get('at_lesion')):>9} {number(entry.get('selectivity')):>7}")
+                     f"{number(entry.get('grounding_reachable')):>9} {number(entry.get('at_lesion')):>9} "
+                     f"{number(entry.get('selectivity')):>7}")
     overall = report["overall"]
-    lines.append(f"overall: grounded {number(overall.get('grounded'))}, at lesion {number(overall.get('at_lesion'))}, "
+    lines.append(f"overall: grounded {number(overall.get('grounded'))} (reachable {number(overall.get('grounding_reachable'))}), "
+                 f"at lesion {number(overall.get('at_lesion'))}, "
                  f"selectivity {number(overall.get('selectivity'))}, collapsed classes: "
                  f"{', '.join(overall['collapsed_classes']) or 'none'}")
     return "\n".join(lines)

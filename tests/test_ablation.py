@@ -1,0 +1,122 @@
+"""experiments/ablation.py: the statistics against hand-computed values, the runs it launches, and the
+table written from a tree of finished runs."""
+import json
+import math
+
+import pytest
+
+import main
+from experiments import ablation, gradient_share
+
+
+def test_mean_and_std_skip_missing_values():
+    mean, std, count = ablation.mean_and_std([0.5, None, 0.7, float("nan"), 0.9])
+    assert count == 3 and mean == pytest.approx(0.7) and std == pytest.approx(0.2)
+    assert ablation.mean_and_std([0.4]) == (0.4, 0.0, 1)
+    assert math.isnan(ablation.mean_and_std([None])[0])
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
+    reference = [0.80, 0.70, 0.60]
+    variant = [0.90, 0.90, 0.90]  # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1
+    mean, low, high, pairs = ablation.paired_difference(variant, reference)
+    half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert pairs == 3 and mean == pytest.approx(0.2)
+    assert low == pytest.approx(0.2 - half, abs=1e-6) and high == pytest.approx(0.2 + half, abs=1e-6)
+    # Only seeds where both runs have the figure are paired; one pair has no interval.
+    mean, low, high, pairs = ablation.paired_difference([0.5, None], [0.4, 0.3])
+    assert pairs == 1 and mean == pytest.approx(0.1) and low == -math.inf and high == math.inf
+
+
+def fake_results(test_auc: float, decorrelated_auc: float, pointing: float) -> dict:
+    auc = {name: test_auc for name in ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")}
+    localisation = {"methods": {"cipl": {"mean": {"pointing": pointing}}, "gradcam": {"mean": {"pointing": 0.1}}}}
+    return {
+        "val": {"mean_auc": test_auc - 0.01, "auc": auc},
+        "test": {"mean_auc": test_auc, "auc": auc},
+        "test_decorrelated": {"mean_auc": decorrelated_auc, "auc": dict(auc, Mass=decorrelated_auc),
+                              "localisation": localisation},
+        "localisation": localisation,
+        "prototypes": {"overall": {"grounded": 0.5, "at_lesion": 0.6, "selectivity": 0.1, "largest_location_share": 0.25}},
+    }
+
+
+def test_run_metrics_read_every_figure_of_the_table():
+    metrics = ablation.run_metrics(fake_results(0.8, 0.7, 0.6))
+    assert metrics["test_auc"] == 0.8 and metrics["decorrelated_auc"] == 0.7
+    assert metrics["test_pointing_cipl"] == 0.6 and metrics["decorrelated_pointing_gradcam"] == 0.1
+    assert metrics["decorrelated_pairs_auc"] == pytest.approx((0.8 * 3 + 0.7) / 4)  # Mass is one of the pairs
+    assert metrics["grounded"] == 0.5 and metrics["selectivity"] == 0.1
+    assert ablation.run_metrics({"test": {"mean_auc": 0.5, "auc": {}}})["test_pointing_cipl"] is None
+
+
+def test_table_from_finished_runs(tmp_path, capsys):
+    values = {"full": [(0.80, 0.75, 0.6), (0.82, 0.74, 0.7), (0.81, 0.76, 0.6)],
+              "none": [(0.78, 0.70, 0.4), (0.79, 0.70, 0.5), (0.80, 0.73, 0.5)]}
+    for variant, runs in values.items():
+        for seed, figures in enumerate(runs):
+            directory = ablation.run_directory(tmp_path, variant, seed)
+            directory.mkdir(parents=True)
+            (directory / "results.json").write_text(json.dumps(fake_results(*figures)))
+    code = ablation.main(["--seeds", "0", "1", "2", "--variants", "full", "none", "--out", str(tmp_path),
+                          "--table-only", "--no-progress"])
+    assert code == 0
+    text = (tmp_path / "ablation.md").read_text()
+    assert text.strip() == capsys.readouterr().out.strip()
+    assert "| test: mean AUC | 0.810 ± 0.010 | 0.790 ± 0.010 |" in text
+    # none - full on the decorrelated AUC: -0.05, -0.04, -0.03 -> mean -0.04 +- 4.30 * 0.01 / sqrt(3).
+    summary = json.loads((tmp_path / "ablation.json").read_text())
+    entry = summary["metrics"]["decorrelated_auc"]["none"]
+    assert entry["difference"] == pytest.approx(-0.04)
+    assert entry["difference_low"] == pytest.approx(-0.04 - 0.02484, abs=1e-4) and entry["difference_high"] < 0
+    assert "| decorrelated test: mean AUC | -0.040 [" in text and "] * |" in text.split("decorrelated test: mean AUC | -0.040")[1].splitlines()[0]
+    assert (tmp_path / "ablation.csv").read_text().count("\n") == 7  # header + 6 runs
+    assert "gradient" not in text  # full wins on the decorrelated split: nothing to explain
+
+
+def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        out = command[command.index("--out-dir") + 1] if "--out-dir" in command else command[command.index("--resume") + 1]
+        (tmp_path / "done").write_text(out)
+
+        class Result:
+            returncode = 0
+            stderr = ""
+        return Result()
+
+    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+    ablation.run_one(tmp_path, "no-alignment", 3, ["--epochs", "5"], progress=False)
+    command = calls[-1]
+    assert command[1:] == ["main.py", "--seed", "3", "--out-dir", str(tmp_path / "no-alignment" / "seed-3"),
+                           "--no-interpretation-alignment", "--no-prediction-alignment", "--epochs", "5", "--no-progress"]
+    interrupted = tmp_path / "full" / "seed-0" / "checkpoints"
+    interrupted.mkdir(parents=True)
+    (interrupted / "last.pt").write_bytes(b"")
+    ablation.run_one(tmp_path, "full", 0, ["--epochs", "5"], progress=False)
+    assert calls[-1][1:] == ["main.py", "--resume", str(tmp_path / "full" / "seed-0"), "--no-progress"]
+    (tmp_path / "full" / "seed-0" / "results.json").write_text("{}")
+    ablation.run_one(tmp_path, "full", 0, [], progress=False)
+    assert len(calls) == 2  # a finished run is reused, not run again
+
+    def failing_run(command, **kwargs):
+        class Result:
+            returncode = 2
+            stderr = "Traceback ...\nERROR cipl: --epochs 0 must be a positive whole number"
+        return Result()
+
+    monkeypatch.setattr(ablation.subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match="none seed 1 failed .*--epochs 0 must be"):
+        ablation.run_one(tmp_path, "none", 1, ["--epochs", "0"], progress=False)
+
+
+def test_gradient_shares_sum_to_one_and_a_zero_weight_sends_no_gradient(config_factory):
+    run_dir = main.train(config_factory(max_stages=2, weight_cross_image=0.0), progress=False)  # warm-up + paired
+    shares = gradient_share.measure_gradient_shares(run_dir, batches=2)
+    share = dict(zip(shares["terms"], shares["share"]))
+    cosine = dict(zip(shares["terms"], shares["cosine_with_classification"]))
+    assert shares["batches"] == 2 and sum(share.values()) == pytest.approx(1.0)
+    assert share["cross_image"] == 0.0 and share["classification"] > 0 and cosine["classification"] == pytest.approx(1.0)
+    assert "| classification |" in gradient_share.format_shares([shares, shares])

@@ -41,21 +41,28 @@ def tiny_setup():
 
 def reference_push(features: torch.Tensor, prototypes: torch.Tensor, targets: np.ndarray, prototype_class: list[int]):
     """METHOD.md's rule written out: prototypes in index order, each takes the nearest (image, location)
-    among images of its class that no earlier prototype took. float64, explicit loops."""
+    among images of its class that no earlier prototype took; when every image of its class is taken
+    (a class with fewer images than the prototypes that reach it) it takes the nearest of them all and
+    is marked reused. float64, explicit loops. Returns (distance, image, (row, col), reused) per prototype."""
     features = features.double()
     used, chosen = set(), []
     for j, p in enumerate(prototypes.double()):
-        best = None
+        best = {True: None, False: None}  # keyed by "image already taken"
         for image in range(features.shape[0]):
-            if targets[image, prototype_class[j]] <= 0 or image in used:
+            if targets[image, prototype_class[j]] <= 0:
                 continue
             distances = ((features[image] - p[:, None, None]) ** 2).sum(0)
             value = float(distances.min())
-            if best is None or value < best[0]:
+            taken = image in used
+            if best[taken] is None or value < best[taken][0]:
                 flat = int(distances.argmin())
-                best = (value, image, divmod(flat, distances.shape[1]))
-        used.add(best[1])
-        chosen.append(best)
+                best[taken] = (value, image, divmod(flat, distances.shape[1]))
+        if best[False] is not None:
+            choice, reused = best[False], False
+        else:
+            choice, reused = best[True], True
+        used.add(choice[1])
+        chosen.append((*choice, reused))
     return chosen
 
 
@@ -71,9 +78,11 @@ def test_push_follows_the_nonrepetitive_rule_exactly(tiny_setup):
     records = push_prototypes(model, dataset, "cpu", batch_size=10, progress=False, image_ids=splits.train.image_ids)
 
     images = model.prototype_source_index.tolist()
-    assert len(set(images)) == model.num_prototypes, "an image was used twice"
-    for j, (distance, image, (row, col)) in enumerate(expected):
+    fresh = [images[j] for j, choice in enumerate(expected) if not choice[3]]
+    assert len(set(fresh)) == len(fresh), "an image was used twice although its class had a free one"
+    for j, (distance, image, (row, col), reused) in enumerate(expected):
         assert images[j] == image
+        assert records[j]["reused_image"] == reused
         assert model.prototype_source_location[j].tolist() == [row, col]
         assert splits.train.targets[image, model.prototype_class[j]] == 1, "pushed onto an image of another class"
         # The prototype is now the feature vector at its recorded location ...

@@ -27,10 +27,9 @@ import numpy as np
 import pandas as pd
 
 from data import preflight
-from data.base import NO_FINDING, DataError, UnreadableImage
+from data.base import NO_FINDING, DataError
 from data.csv_source import load_csv
-from data.images import read_image
-from data.pools import FileImageDataset
+from data.pools import FileImageDataset, attach_boxes, probe_channels
 from data.tables import read_box_file
 from utils.metrics import per_class_auc
 
@@ -98,24 +97,7 @@ def _channels(config, pool: FileImageDataset) -> int:
         return 3
     if config.dataset != "csv" or not len(pool):
         return 1
-    try:
-        image = read_image(pool.image_paths[0], 3).astype(np.int16)
-    except UnreadableImage:
-        return 1  # the decode check names it
-    return 3 if np.abs(image - image.mean(axis=2, keepdims=True)).max() > 8 else 1
-
-
-def _attach_boxes(pool: FileImageDataset, boxes: dict[str, list], where: str) -> None:
-    """Boxes by image as the box file names it: the CSV's image entry, or failing that its file name."""
-    by_id = {image_id: index for index, image_id in enumerate(pool.image_ids)}
-    by_name = {Path(image_id).name: index for index, image_id in enumerate(pool.image_ids)}
-    attached = 0
-    for image, image_boxes in boxes.items():
-        index = by_id.get(image, by_name.get(Path(image).name))
-        if index is not None:
-            pool.boxes[index] = list(image_boxes)
-            attached += len(image_boxes)
-    logger.info("%d boxes on %d images from %s", attached, len(pool.boxes), where)
+    return probe_channels(pool)
 
 
 def build_external_set(config, class_names: list[str], label_map: dict[str, str] | None = None,
@@ -133,7 +115,8 @@ def build_external_set(config, class_names: list[str], label_map: dict[str, str]
     if not len(pool):
         raise DataError(f"{path} lists no images")
     if config.boxes:
-        _attach_boxes(pool, read_box_file(Path(config.boxes).expanduser(), pool.class_names), config.boxes)
+        attached = attach_boxes(pool, read_box_file(Path(config.boxes).expanduser(), pool.class_names))
+        logger.info("%d boxes on %d images from %s", attached, len(pool.boxes), config.boxes)
     set_names = list(pool.class_names[:-1])
     stray = [old for old in label_map if old not in set_names]
     if stray:

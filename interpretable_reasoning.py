@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.images import read_image
+from data.images import IMAGE_SUFFIXES, read_image
 from data.tables import read_box_file
 from datasets import DataError, EvalTransform, build_datasets
 from model import disease_probabilities, squared_distances
@@ -42,7 +42,6 @@ from utils.visualise import (
 logger = logging.getLogger("cipl.reasoning")
 
 MARKERS = ("reasoning.json", "predictions.csv")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PATH_COLUMNS = ("path", "image", "image index", "image_id", "file")
 
 
@@ -157,7 +156,7 @@ def list_images(spec: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise DataError(f"--images {path}: the folder holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
+            raise DataError(f"--images {path}: the folder holds no {'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))} images")
         return files
     if not path.is_file():
         raise FileNotFoundError(f"--images {path}: no such folder or CSV file")

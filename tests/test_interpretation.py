@@ -9,8 +9,10 @@ import torch
 
 import interpretable_reasoning as reasoning
 from conftest import tiny_config
+from data.images import read_image
 from datasets import EvalTransform, TransformedDataset, build_datasets
 from model import CIPL, build_model, disease_probabilities
+from test_sources import write_dicom
 from utils.checkpoint import save_checkpoint
 from utils.plots import write_roc, write_training_curves
 from utils.projection import push_prototypes
@@ -97,6 +99,7 @@ def test_predictions_for_a_folder_and_a_list(pushed, tmp_path, capsys):
     folder.mkdir()
     for i in range(3):
         save_png(folder / f"case{i}.png", test.load_image(i))
+    write_dicom(folder / "case3.dcm", test.load_image(3).astype(np.uint16) * 16, photometric="MONOCHROME2")
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "predictions"
     code, error = run_reasoning(["--checkpoint", str(pushed["path"]), "--images", str(folder), "--out", str(out),
@@ -104,10 +107,11 @@ def test_predictions_for_a_folder_and_a_list(pushed, tmp_path, capsys):
     assert code == 0, error
     table = pd.read_csv(out / "predictions.csv")
     assert list(table.columns) == ["image"] + test.disease_names
-    assert table["image"].tolist() == ["case0.png", "case1.png", "case2.png"]
+    assert table["image"].tolist() == ["case0.png", "case1.png", "case2.png", "case3.dcm"]  # DICOM read too
     transform = EvalTransform(pushed["config"].image_size)
+    inputs = [transform(test.load_image(i)) for i in range(3)] + [transform(read_image(folder / "case3.dcm", 1))]
     with torch.no_grad():
-        expected = disease_probabilities(pushed["model"](torch.stack([transform(test.load_image(i)) for i in range(3)])).logits)
+        expected = disease_probabilities(pushed["model"](torch.stack(inputs)).logits)
     np.testing.assert_allclose(table[test.disease_names].to_numpy(), expected.numpy(), atol=1e-5)
     assert not (out / "reasoning.json").exists()
 

@@ -301,3 +301,24 @@ def test_pointing_ceiling_asks_whether_any_cell_centre_lies_in_a_box():
     case_of_truth = np.array([0, 1, 2, 2])  # case 2 has two boxes, neither holds a centre
     reachable = loc.pointing_ceiling(truth, case_of_truth, 3, (4, 4), 16)
     assert reachable.tolist() == [True, True, False]
+
+
+def test_a_random_cell_hits_a_case_with_the_share_of_cell_centres_in_its_boxes():
+    # 4 x 4 map on a 16-px frame: cell centres at 2, 6, 10, 14 on each axis.
+    truth = np.array([[0, 0, 8, 8],     # case 0: centres (2|6) x (2|6) -> 4 of 16
+                      [0, 0, 16, 4],    # case 1: row 2 across the frame -> 4 of 16 ...
+                      [0, 0, 4, 16],    # ... and column 2 down it -> 4 more, (2, 2) counted once: 7 of 16
+                      [7, 7, 1, 1]], dtype=float)  # case 2: no centre
+    case_of_truth = np.array([0, 1, 1, 2])
+    share = loc.cells_in_boxes(truth, case_of_truth, 3, (4, 4), 16)
+    np.testing.assert_allclose(share, [4 / 16, 7 / 16, 0.0])
+    # Brute force: the pointing game of every one-hot map, averaged, is the same share.
+    hits = np.zeros(3)
+    for cell in range(16):
+        maps = np.zeros((3, 4, 4))
+        maps[:, cell // 4, cell % 4] = 1.0
+        points = loc.peak_points(maps, 16)
+        inside = loc.points_in_boxes(points[case_of_truth], truth)
+        for case in range(3):
+            hits[case] += inside[case_of_truth == case].any()
+    np.testing.assert_allclose(hits / 16, share)

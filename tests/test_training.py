@@ -45,6 +45,7 @@ def test_full_run_writes_the_output_contract(config_factory):
     for localisation in (results["localisation"], results["test_decorrelated"]["localisation"]):
         assert set(localisation["methods"]) == {"cipl", "gradcam"} and localisation["map_size"] == [8, 8]
         assert 0.0 <= localisation["pointing_ceiling"]["mean"] <= 1.0
+        assert 0.0 <= localisation["pointing_random"]["mean"] <= localisation["pointing_ceiling"]["mean"]
     with (run_dir / "metrics.csv").open() as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == len(build_schedule(config))

@@ -449,26 +449,36 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
     for method in methods:
         scores = score_cases(np.concatenate(boxes[method]), np.concatenate(points[method]), cases.truth, cases.case_of_truth)
         report["methods"][method] = summarise(scores, cases.class_index, dataset.class_names)
-    ceiling = pointing_ceiling(cases.truth, cases.case_of_truth, len(cases.image_index), map_size, image_size)
-    per_class_ceiling = {dataset.class_names[int(c)]: float(ceiling[cases.class_index == c].mean())
-                         for c in np.unique(cases.class_index)}
-    report["pointing_ceiling"] = dict(per_class=per_class_ceiling, mean=float(np.mean(list(per_class_ceiling.values()))))
+    share = cells_in_boxes(cases.truth, cases.case_of_truth, len(cases.image_index), map_size, image_size)
+    for key, per_case in (("pointing_ceiling", share > 0), ("pointing_random", share)):
+        per_class = {dataset.class_names[int(c)]: float(per_case[cases.class_index == c].mean())
+                     for c in np.unique(cases.class_index)}
+        report[key] = dict(per_class=per_class, mean=float(np.mean(list(per_class.values()))))
     return report
+
+
+def cells_in_boxes(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map_size: tuple[int, int],
+                   image_size: int) -> np.ndarray:
+    """Per case, the share of the h x w map's cell centres that lie in one of its boxes: [count] in [0, 1].
+
+    Two references for the pointing game follow from it: a case is reachable at all when the share is
+    above 0 (:func:`pointing_ceiling`), and a map whose peak falls on a uniformly random cell hits a
+    case with probability equal to the share (a box smaller than a cell may hold no cell centre)."""
+    height, width = map_size
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    centres = np.stack([(rows.ravel() + 0.5) * image_size / height, (cols.ravel() + 0.5) * image_size / width], axis=1)
+    inside = points_in_boxes(np.repeat(centres, len(truth), axis=0), np.tile(truth, (len(centres), 1)))
+    inside = inside.reshape(len(centres), len(truth))  # [cells, G]
+    cell_hits_case = np.zeros((len(centres), count), dtype=bool)
+    np.logical_or.at(cell_hits_case, (slice(None), case_of_truth), inside)
+    return cell_hits_case.mean(axis=0)
 
 
 def pointing_ceiling(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map_size: tuple[int, int],
                      image_size: int) -> np.ndarray:
     """Per case, whether any cell centre of an h x w map lies in one of its boxes: [count] bool. The
-    pointing game of any map at that resolution cannot beat the mean of this (a box smaller than a
-    cell may hold no cell centre at all)."""
-    height, width = map_size
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    centres = np.stack([(rows.ravel() + 0.5) * image_size / height, (cols.ravel() + 0.5) * image_size / width], axis=1)
-    inside = points_in_boxes(np.repeat(centres, len(truth), axis=0), np.tile(truth, (len(centres), 1)))
-    any_cell = inside.reshape(len(centres), len(truth)).any(axis=0)  # [G]
-    reachable = np.zeros(count, dtype=bool)
-    np.logical_or.at(reachable, case_of_truth, any_cell)
-    return reachable
+    pointing game of any map at that resolution cannot beat the mean of this."""
+    return cells_in_boxes(truth, case_of_truth, count, map_size, image_size) > 0
 
 
 def localisation_report(model, dataset, config, device, progress: bool = True) -> dict | None:
@@ -511,6 +521,9 @@ def format_table(report: dict, title: str = "") -> str:
         classes = ", ".join(f"{name} {value:.2f}" for name, value in sorted(ceiling["per_class"].items()))
         lines.append(f"pointing ceiling of a {'x'.join(str(v) for v in report.get('map_size', []))} map "
                      f"(a cell centre inside a box): mean {ceiling['mean']:.3f} ({classes})")
+    random_cell = report.get("pointing_random")
+    if random_cell:
+        lines.append(f"pointing game of a uniformly random cell: mean {random_cell['mean']:.3f}")
     return "\n".join(lines).rstrip()
 
 

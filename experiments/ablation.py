@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "none": ("--no-cross-image", "--no-interpretation-alignment", "--no-prediction-alignment"),
 }
 REFERENCE = "full"
+RUN_RECORD = "ablation-run.json"  # the variant, seed and main.py options a run directory was started with
 
 
 def _co_occurring_auc(split: dict | None) -> float | None:
@@ -148,6 +149,12 @@ def run_directory(out: Path, variant: str, seed: int) -> Path:
 def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool) -> Path:
     """Run (or resume, or reuse) one variant at one seed through main.py in its own process."""
     directory = run_directory(out, variant, seed)
+    options = [*VARIANTS[variant], *extra]
+    record = directory / RUN_RECORD
+    if record.exists() and json.loads(record.read_text()).get("options") != options:
+        raise RuntimeError(f"{variant} seed {seed}: {directory} was run with other main.py options "
+                           f"({' '.join(json.loads(record.read_text()).get('options', [])) or 'none'}); "
+                           f"choose another --out to compare different settings")
     if (directory / "results.json").exists():
         logger.info("%s seed %d: finished earlier, reusing %s", variant, seed, directory)
         return directory
@@ -155,8 +162,10 @@ def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool
         command = [sys.executable, "main.py", "--resume", str(directory)]
         logger.info("%s seed %d: resuming %s", variant, seed, directory)
     else:
-        command = [sys.executable, "main.py", "--seed", str(seed), "--out-dir", str(directory), *VARIANTS[variant], *extra]
+        command = [sys.executable, "main.py", "--seed", str(seed), "--out-dir", str(directory), *options]
         logger.info("%s seed %d: %s", variant, seed, " ".join(command[1:]))
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record, dict(variant=variant, seed=seed, options=options))
     if not progress:
         command.append("--no-progress")
     result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -180,8 +189,13 @@ def collect(out: Path, variants: list[str], seeds: list[int]) -> dict[str, dict[
 # ----------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------
-def _cell(mean: float, std: float, count: int) -> str:
-    return "-" if count == 0 else f"{mean:.3f} ± {std:.3f}"
+def _cell(mean: float, std: float, count: int, seeds: int) -> str:
+    """mean ± std; the number of runs is shown when some seeds have not finished."""
+    if count == 0:
+        return "-"
+    if count == 1:
+        return f"{mean:.3f} (1 run)"
+    return f"{mean:.3f} ± {std:.3f}" + (f" ({count} runs)" if count < seeds else "")
 
 
 def _interval(mean: float, low: float, high: float, count: int) -> str:
@@ -214,13 +228,14 @@ def format_markdown(summary: dict) -> str:
     variants = summary["variants"]
     others = [variant for variant in variants if variant != REFERENCE]
     seeds = ", ".join(str(seed) for seed in summary["seeds"])
-    lines = [f"Seeds {seeds}: mean ± standard deviation over seeds.", "",
+    lines = [f"Seeds {seeds}: mean ± standard deviation over seeds (a cell says how many runs it holds when "
+             "some have not finished).", "",
              "| figure | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for key, title in METRIC_TITLES.items():
         entry = summary["metrics"][key]
         if all(entry[variant]["runs"] == 0 for variant in variants):
             continue
-        lines.append(f"| {title} | " + " | ".join(_cell(entry[v]["mean"], entry[v]["std"], entry[v]["runs"]) for v in variants) + " |")
+        lines.append(f"| {title} | " + " | ".join(_cell(entry[v]["mean"], entry[v]["std"], entry[v]["runs"], len(summary["seeds"])) for v in variants) + " |")
     if others and REFERENCE in variants:
         lines += ["", f"Paired difference to `{REFERENCE}` (variant − {REFERENCE}) over seeds, with its 95% t-interval; "
                       "* marks an interval that excludes 0.", "",
@@ -282,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         print("experiments.ablation: error: --seeds repeats a seed", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the runs execute in the project root, the table is read from here
     if not args.table_only:
         runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
         try:

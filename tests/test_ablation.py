@@ -1,6 +1,7 @@
 """experiments/ablation.py: the statistics against hand-computed values, the runs it launches, and the
 table written from a tree of finished runs."""
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -110,6 +111,59 @@ def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation.subprocess, "run", failing_run)
     with pytest.raises(RuntimeError, match="none seed 1 failed .*--epochs 0 must be"):
         ablation.run_one(tmp_path, "none", 1, ["--epochs", "0"], progress=False)
+
+
+def test_a_run_directory_is_only_reused_with_the_options_it_was_started_with(tmp_path, monkeypatch):
+    def fake_run(command, **kwargs):
+        class Result:
+            returncode = 0
+            stderr = ""
+        return Result()
+
+    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+    ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False)
+    record = json.loads((tmp_path / "no-cross" / "seed-0" / ablation.RUN_RECORD).read_text())
+    assert record == dict(variant="no-cross", seed=0, options=["--no-cross-image", "--epochs", "5"])
+    (tmp_path / "no-cross" / "seed-0" / "results.json").write_text("{}")
+    ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False)  # same options: reused
+    with pytest.raises(RuntimeError, match="was run with other main.py options .*--epochs 5"):
+        ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "20"], progress=False)
+
+
+def write_runs(out, values: dict) -> None:
+    for variant, runs in values.items():
+        for seed, figures in runs.items():
+            directory = ablation.run_directory(out, variant, seed)
+            directory.mkdir(parents=True)
+            (directory / "results.json").write_text(json.dumps(fake_results(*figures)))
+
+
+def test_when_full_loses_on_the_decorrelated_split_the_table_gives_gradient_shares(tmp_path, monkeypatch, capsys):
+    write_runs(tmp_path, {"full": {0: (0.80, 0.70, 0.6), 1: (0.81, 0.71, 0.6)},
+                          "none": {0: (0.80, 0.74, 0.5), 1: (0.80, 0.72, 0.5)}})
+    measured = []
+
+    def fake_shares(run_dir):
+        measured.append(Path(run_dir))
+        return {"classification": 0.7, "cross_image": 0.3}
+
+    monkeypatch.setattr(ablation, "measure_gradient_shares", fake_shares)
+    monkeypatch.setattr(ablation, "format_shares", lambda shares: f"SHARES OF {len(shares)} RUNS")
+    assert ablation.main(["--seeds", "0", "1", "--variants", "full", "none", "--out", str(tmp_path),
+                          "--table-only", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert measured == [tmp_path.resolve() / "full" / "seed-0", tmp_path.resolve() / "full" / "seed-1"]
+    assert "does not beat every variant on the decorrelated split" in text and "SHARES OF 2 RUNS" in text
+    assert json.loads((tmp_path / "ablation.json").read_text())["gradient_shares"][0]["cross_image"] == 0.3
+
+
+def test_a_cell_says_how_many_runs_it_holds_when_seeds_are_missing(tmp_path, capsys):
+    write_runs(tmp_path, {"full": {0: (0.80, 0.75, 0.6), 1: (0.82, 0.76, 0.6), 2: (0.81, 0.76, 0.6)},
+                          "none": {0: (0.78, 0.70, 0.4), 2: (0.80, 0.71, 0.5)}, "no-cross": {1: (0.7, 0.7, 0.5)}})
+    assert ablation.main(["--seeds", "0", "1", "2", "--variants", "full", "none", "no-cross", "--out", str(tmp_path),
+                          "--table-only", "--no-progress", "--no-gradient-share"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("| test: mean AUC |"))
+    assert line == "| test: mean AUC | 0.810 ± 0.010 | 0.790 ± 0.014 (2 runs) | 0.700 (1 run) |"
 
 
 def test_gradient_shares_sum_to_one_and_a_zero_weight_sends_no_gradient(config_factory):

@@ -57,6 +57,15 @@ def test_collapse_warning_names_the_collapsed_class_and_stays_silent_for_a_healt
     assert "B (3 of 4 on feature-map cell (3, 2))" in message and "A (" not in message
     assert diversity["location_collapsed"].tolist() == [False, True, False]
 
+    # Three of A's four prototypes on one source image (push's fallback when a class runs out of images).
+    caplog.clear()
+    on_one_image = model_with_provenance(healthy_cells, [5, 5, 5, *range(6, 15)])
+    with caplog.at_level(logging.WARNING, logger="utils.prototype_quality"):
+        diversity = pq.warn_if_collapsed(on_one_image, [f"img{i}" for i in range(20)])
+    assert len(caplog.records) == 1
+    assert "A (3 of 4 on img5)" in caplog.records[0].getMessage() and "B (" not in caplog.records[0].getMessage()
+    assert diversity["image_collapsed"].tolist() == [True, False, False]
+
 
 # -- selectivity -------------------------------------------------------------------------------------
 def test_selectivity_is_mean_score_with_the_class_minus_without_on_a_known_case():
@@ -139,6 +148,12 @@ def test_grounding_on_hand_built_maps(monkeypatch):
     assert "grounded" not in report["per_class"]["No Finding"]
     assert report["overall"]["grounded"] == pytest.approx(1 / 3) and report["overall"]["at_lesion"] == pytest.approx(2 / 3)
     assert report["overall"]["grounding_reachable"] == pytest.approx(1 / 3)
+    assert report["overall"]["distinct_images"] == 3 and report["overall"]["distinct_locations"] == 6
+    # Worked through a few maps at a time (bounded memory), the answer is the same.
+    chunked = pq.prototype_grounding(model, TwoBoxImages(), 50, "cpu", batch_size=2)
+    for key in ("evaluable", "grounded", "at_lesion", "reachable"):
+        assert chunked[key].tolist() == grounding[key].tolist()
+    np.testing.assert_array_equal(chunked["iobb"], grounding["iobb"])
 
 
 def test_grounding_is_absent_without_boxes():

@@ -300,6 +300,10 @@ def test_decorrelated_cases_have_a_box_for_every_disease_and_the_usual_rendering
         present = set(np.flatnonzero(case.target[:NUM_DISEASES]).tolist())
         assert {box[0] for box in case.boxes} == present
         assert case.target[NO_FINDING] == (0.0 if present else 1.0)
-    # Same seed, labels drawn the other way: the rest of the scene machinery is shared.
+    # Deterministic like every other split, and the cached prevalence it samples from cannot be altered.
     seed = case_seed(1, "test-decorrelated", 0)
-    assert render_case(seed, 64, decorrelated=True).image.shape == render_case(seed, 64).image.shape
+    first, again = render_case(seed, 64, decorrelated=True), render_case(seed, 64, decorrelated=True)
+    np.testing.assert_array_equal(first.image, again.image)
+    assert first.boxes == again.boxes
+    with pytest.raises(ValueError):
+        disease_prevalence()[0] = 1.0

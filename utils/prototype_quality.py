@@ -12,9 +12,11 @@ overall:
   galleries draw) overlaps a ground-truth box of the prototype's class with IoBB >= 0.5. Only where the
   training split has boxes; prototypes whose source image has no box of their class are not counted.
   ``at_lesion`` is the companion for small lesions: the pushed feature-map cell's centre lies inside
-  such a box. ``reachable`` is the share whose lesion box is at least half the size of a
-  high-activation region (5% of the image): a smaller lesion (a nodule, a thin band) cannot hold half
-  of a box drawn around 5% of the image, so no model can ground those prototypes by this definition.
+  such a box. ``reachable`` is a heuristic for how much of the figure is attainable: the share whose
+  lesion box is at least half the size of the high-activation region (the 95th percentile covers 5% of
+  the image). The box is drawn around the connected part that holds the maximum, which can be smaller
+  than 5%, but on a smooth map it rarely is, so a lesion below that size (a nodule, a thin band) is
+  seldom grounded by any model.
 * **selectivity** -- per prototype, its mean score max_hw exp(-d/D) on images *with* its class minus on
   images *without* it. A prototype that fires on everything scores ~0.
 
@@ -124,7 +126,8 @@ def collapse_message(diversity: dict[str, np.ndarray], class_names: list[str], s
     if not parts:
         return None
     return (f"prototypes collapsed in {len(parts)} of {len(class_names)} classes: " + "; ".join(parts)
-            + ". They copy one patch instead of learning the class; see README 'Prototype quality'.")
+            + ". They pile onto one feature-map position or one source image instead of covering the class; "
+            "see README 'Prototype quality'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,13 +209,15 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     evaluable = np.zeros(num_prototypes, dtype=bool)
     reachable = np.zeros(num_prototypes, dtype=bool)
     smallest_groundable = GROUNDING_IOBB * HIGH_ACTIVATION_SHARE * image_size**2
-    chosen = np.flatnonzero(disease)
     shapes = {}
-    for slot, prototype in enumerate(chosen):  # a few hundred records; gathers boxes, no tensor work
+    chosen = []  # the evaluable disease prototypes, in index order; owner refers to positions in it
+    for prototype in np.flatnonzero(disease):  # a few hundred records; gathers boxes, no tensor work
         index = int(source[prototype])
         own = [box[1:] for box in boxes_of.get(index, []) if int(box[0]) == classes[prototype]]
         if not own:
             continue
+        slot = len(chosen)
+        chosen.append(prototype)
         if index not in shapes:
             shapes[index] = dataset.load_image(index).shape[:2]
         height, width = shapes[index]
@@ -224,20 +229,22 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
         owner.extend([slot] * len(own))
     result = dict(evaluable=evaluable, iobb=np.full(num_prototypes, np.nan), reachable=reachable,
                   grounded=np.zeros(num_prototypes, bool), at_lesion=np.zeros(num_prototypes, bool))
-    if not evaluable.any():
+    if not chosen:
         return result
-    maps = source_similarity_maps(model, dataset, chosen, image_size, device, batch_size)
-    upsampled = F.interpolate(maps.unsqueeze(1), size=(image_size, image_size), mode="bilinear",
-                              align_corners=False).squeeze(1)
-    high_boxes = high_activation_boxes(upsampled.cpu().numpy())
+    chosen = np.asarray(chosen, np.int64)
+    high_boxes = []
+    for start in range(0, len(chosen), batch_size):  # bounded memory: batch_size upsampled maps at a time
+        maps = source_similarity_maps(model, dataset, chosen[start : start + batch_size], image_size, device, batch_size)
+        upsampled = F.interpolate(maps.unsqueeze(1), size=(image_size, image_size), mode="bilinear",
+                                  align_corners=False).squeeze(1)
+        high_boxes.append(high_activation_boxes(upsampled.cpu().numpy()))
     height, width = maps.shape[-2:]
     points = (location[chosen] + 0.5) * np.array([image_size / height, image_size / width])
-    iobb, inside = grounding_scores(high_boxes, points, np.asarray(truth).reshape(-1, 4), np.asarray(owner, np.int64),
-                                    len(chosen))
-    keep = evaluable[chosen]
-    result["iobb"][chosen[keep]] = iobb[keep]
-    result["grounded"][chosen[keep]] = iobb[keep] >= GROUNDING_IOBB
-    result["at_lesion"][chosen[keep]] = inside[keep]
+    iobb, inside = grounding_scores(np.concatenate(high_boxes), points, np.asarray(truth).reshape(-1, 4),
+                                    np.asarray(owner, np.int64), len(chosen))
+    result["iobb"][chosen] = iobb
+    result["grounded"][chosen] = iobb >= GROUNDING_IOBB
+    result["at_lesion"][chosen] = inside
     return result
 
 
@@ -276,9 +283,13 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
             entry["selectivity"] = _mean_or_none(selectivity[members])
         per_class[name] = entry
     pushed = int(diversity["prototypes"].sum())
+    source = model.prototype_source_index.cpu().numpy()
+    location = model.prototype_source_location.cpu().numpy()[source >= 0]
     overall = dict(
         prototypes=int(len(classes)),
         pushed=pushed,
+        distinct_images=int(len(np.unique(source[source >= 0]))),
+        distinct_locations=int(len(np.unique(location.reshape(-1, 2), axis=0))),
         collapsed_classes=[name for name, entry in per_class.items() if entry["collapsed"]],
         largest_location_share=float(diversity["largest_location_share"].max()) if pushed else None,
         largest_image_share=float(diversity["largest_image_share"].max()) if pushed else None,

@@ -309,6 +309,7 @@ def disease_prevalence() -> np.ndarray:
             if len(present) < _MAX_DISEASES:
                 others = [d for d in range(count) if d not in present]
                 prevalence[others] += probability * _INCIDENTAL_PROBABILITY / len(others)
+    prevalence.flags.writeable = False  # cached and shared by every caller
     return prevalence
 
 

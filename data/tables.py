@@ -97,18 +97,21 @@ def refuse_duplicates(values: Sequence[str], where: str) -> None:
         raise DataError(f"{where} lists {plural(len(repeated), 'image')} more than once (e.g. {', '.join(repeated[:5])})")
 
 
-def read_box_file(path: Path, class_names: Sequence[str]) -> dict[str, list[Box]]:
+def read_box_file(path: Path, class_names: Sequence[str], extra_aliases: dict[str, str] | None = None) -> dict[str, list[Box]]:
     """The NIH BBox_List_2017.csv format -> image name -> [(class, x, y, w, h)] in the file's frame.
 
     Header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``: pandas splits the bracketed name and
     names the trailing empty columns "Unnamed: N", so x, y, w, h are taken by position (2..5).
+    ``extra_aliases`` (label -> one of class_names) adds accepted spellings, e.g. the names an
+    external set's ``--label-map`` renames its labels to.
     """
     frame = read_table(path)
     require_columns(frame, ["Image Index", "Finding Label"], path)
     if frame.shape[1] < 6:
         raise DataError(f"{path} has {frame.shape[1]} columns; the box format needs Image Index, Finding Label, x, y, w, h")
     column = {name: index for index, name in enumerate(class_names[:-1])}
-    aliases = {alias: name for alias, name in BOX_LABEL_ALIASES.items() if alias not in column and name in column}
+    known = {**BOX_LABEL_ALIASES, **(extra_aliases or {})}
+    aliases = {alias: name for alias, name in known.items() if alias not in column and name in column}
     boxes: dict[str, list[Box]] = {}
     unknown, broken = set(), []
     for row_number, row in enumerate(frame.itertuples(index=False), start=2):

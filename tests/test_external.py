@@ -111,6 +111,16 @@ def test_external_set_gives_the_models_own_numbers(external, capsys):
     assert results["localisation"]["cases"] == external["localisation"]["cases"] == 28
     assert flat(results["localisation"]["methods"]) == pytest.approx(flat(external["localisation"]["methods"]))
 
+    # A box file that names the diseases as --label-map renames them gives the same localisation.
+    renamed = folder / "boxes-model-names.csv"
+    renamed.write_text((folder / "boxes.csv").read_text().replace(",Pleural effusion,", ",Effusion,"))
+    assert ",Effusion," in renamed.read_text()
+    code, out = evaluate(external, "eval-renamed-boxes", "--test-csv", str(folder / "external.csv"), "--label-column",
+                         "findings", "--label-map", LABEL_MAP, "--boxes", str(renamed))
+    assert code == 0, capsys.readouterr().err
+    again = json.loads((out / "results.json").read_text())["localisation"]
+    assert again["cases"] == 28 and flat(again["methods"]) == pytest.approx(flat(results["localisation"]["methods"]))
+
     predictions = pd.read_csv(out / "predictions.csv")
     disease_names = external["test"].disease_names
     assert list(predictions.columns) == ["image", *disease_names, "labels"]

@@ -114,14 +114,17 @@ def build_external_set(config, class_names: list[str], label_map: dict[str, str]
     pool = plan.pools["test"]
     if not len(pool):
         raise DataError(f"{path} lists no images")
-    if config.boxes:
-        attached = attach_boxes(pool, read_box_file(Path(config.boxes).expanduser(), pool.class_names))
-        logger.info("%d boxes on %d images from %s", attached, len(pool.boxes), config.boxes)
     set_names = list(pool.class_names[:-1])
     stray = [old for old in label_map if old not in set_names]
     if stray:
         raise DataError(f"--label-map renames {', '.join(repr(s) for s in stray)}, which {path} does not have "
                         f"(its labels: {', '.join(set_names) or 'none'})")
+    if config.boxes:
+        # A box may name its disease as the CSV does or as --label-map renames it.
+        renamed_back = {new: old for old, new in label_map.items()}
+        boxes = read_box_file(Path(config.boxes).expanduser(), pool.class_names, extra_aliases=renamed_back)
+        attached = attach_boxes(pool, boxes)
+        logger.info("%d boxes on %d images from %s", attached, len(pool.boxes), config.boxes)
     renamed = [label_map.get(name, name) for name in set_names]
     diseases = class_names[:-1]
     model_column = {name_key(name): column for column, name in enumerate(diseases)}

@@ -168,6 +168,18 @@ def squared_distances(features: Tensor, prototypes: Tensor) -> Tensor:
         return (feature_norms - 2 * cross + prototype_norms).clamp_min(0)
 
 
+def paired_similarity_maps(features: Tensor, prototypes: Tensor, prototype_dim: int) -> Tensor:
+    """exp(-||z_i(h,w) - p_i||^2 / D) of prototype i on feature map i only (not every pair), in float64.
+
+    features [q, D, h, w], prototypes [q, D] -> [q, h, w]: each prototype's map on its own source
+    image, as the galleries draw it and grounding scores it. float64, because near-equal distances
+    (an untrained or saturated add-on) must not all round to similarity 1.0 and leave a flat map.
+    """
+    features, prototypes = features.double(), prototypes.to(features.device).double()
+    distances = (features - prototypes[:, :, None, None]).pow(2).sum(dim=1)
+    return torch.exp(-distances / prototype_dim)
+
+
 def co_attention(features_a: Tensor, features_b: Tensor) -> tuple[Tensor, Tensor]:
     """Cross-image co-attention of METHOD.md (L_cross).
 

@@ -130,7 +130,7 @@ def test_grounding_on_hand_built_maps(monkeypatch):
         for slot, prototype in enumerate(prototypes):
             row, col = peaks.get(int(prototype), (0, 0))
             maps[slot, row, col] = 1.0
-        return maps
+        return maps, [dataset.load_image(int(model.prototype_source_index[p])).shape[:2] for p in prototypes]
 
     monkeypatch.setattr(pq, "source_similarity_maps", fake_maps)
     grounding = pq.prototype_grounding(model, TwoBoxImages(), 50, "cpu")
@@ -169,7 +169,8 @@ def test_source_similarity_maps_are_each_prototypes_map_on_its_own_image():
     dataset = TwoBoxImages()
     dataset.load_image = lambda index: (np.arange(100 * 200).reshape(100, 200) * (index + 1) % 251).astype(np.uint8)
     model.prototype_source_index.copy_(torch.tensor([1, 0, 2, 1, 0, 2]))
-    maps = pq.source_similarity_maps(model, dataset, np.array([0, 1, 3]), 64, "cpu")
+    maps, sizes = pq.source_similarity_maps(model, dataset, np.array([0, 1, 3]), 64, "cpu", batch_size=1)
+    assert sizes == [(100, 200)] * 3  # the source images' own frames, for scaling their boxes
     with torch.no_grad():
         images = torch.stack([EvalTransform(64)(dataset.load_image(i)) for i in (1, 0, 1)])
         expected = model(images).similarity_maps[torch.arange(3), torch.tensor([0, 1, 3])].double()

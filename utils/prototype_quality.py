@@ -29,11 +29,10 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 
-from datasets import EvalTransform, TransformedDataset
-from utils.localisation import box_iobb, high_activation_boxes, points_in_boxes
+from datasets import EvalTransform
+from model import paired_similarity_maps
+from utils.localisation import box_iobb, high_activation_boxes, points_in_boxes, upsample_maps
 
 logger = logging.getLogger(__name__)
 
@@ -169,23 +168,27 @@ def grounding_scores(boxes: np.ndarray, points: np.ndarray, truth: np.ndarray, o
 
 
 @torch.no_grad()
-def source_similarity_maps(model, dataset, prototypes: np.ndarray, image_size: int, device, batch_size: int = 32) -> torch.Tensor:
-    """Each prototype's similarity map exp(-d/D) on its own source image, at feature-map resolution:
-    [len(prototypes), h, w] (float64). The source images are read and run through the network once."""
+def source_similarity_maps(model, dataset, prototypes: np.ndarray, image_size: int, device,
+                           batch_size: int = 32) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Each prototype's similarity map exp(-d/D) on its own source image, at feature-map resolution
+    [len(prototypes), h, w] (float64), and that image's own (height, width). Each source image is
+    read and run through the network once."""
     source = model.prototype_source_index.cpu().numpy()[prototypes]
     unique, inverse = np.unique(source, return_inverse=True)
-    loader = DataLoader(Subset(TransformedDataset(dataset, EvalTransform(image_size)), unique.tolist()),
-                        batch_size=batch_size, shuffle=False)
+    transform = EvalTransform(image_size)
+    features, sizes = [], []
     was_training = model.training
     model.eval()
     try:
-        features = torch.cat([model.extract_features(batch["image"].to(device)).double() for batch in loader])
+        for start in range(0, len(unique), batch_size):
+            raw = [dataset.load_image(int(index)) for index in unique[start : start + batch_size]]
+            sizes.extend(image.shape[:2] for image in raw)
+            features.append(model.extract_features(torch.stack([transform(image) for image in raw]).to(device)))
     finally:
         model.train(was_training)
-    vectors = model.prototypes.detach()[torch.as_tensor(prototypes, device=device)].double()  # [q, D]
-    own = features[torch.as_tensor(inverse, device=features.device)]  # [q, D, h, w]
-    distances = (own - vectors[:, :, None, None].to(own.device)).pow(2).sum(dim=1)
-    return torch.exp(-distances / model.prototype_dim)
+    own = torch.cat(features)[torch.as_tensor(inverse, device=device)]  # [q, D, h, w]
+    vectors = model.prototypes.detach()[torch.as_tensor(prototypes, device=device)]  # [q, D]
+    return paired_similarity_maps(own, vectors, model.prototype_dim), [sizes[i] for i in inverse]
 
 
 def prototype_grounding(model, dataset, image_size: int, device, batch_size: int = 32) -> dict[str, np.ndarray] | None:
@@ -206,45 +209,41 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     location = model.prototype_source_location.cpu().numpy()
     disease = (source >= 0) & (classes != model.no_finding_index)
     truth, owner = [], []
-    evaluable = np.zeros(num_prototypes, dtype=bool)
-    reachable = np.zeros(num_prototypes, dtype=bool)
-    smallest_groundable = GROUNDING_IOBB * HIGH_ACTIVATION_SHARE * image_size**2
-    shapes = {}
     chosen = []  # the evaluable disease prototypes, in index order; owner refers to positions in it
     for prototype in np.flatnonzero(disease):  # a few hundred records; gathers boxes, no tensor work
-        index = int(source[prototype])
-        own = [box[1:] for box in boxes_of.get(index, []) if int(box[0]) == classes[prototype]]
-        if not own:
-            continue
-        slot = len(chosen)
-        chosen.append(prototype)
-        if index not in shapes:
-            shapes[index] = dataset.load_image(index).shape[:2]
-        height, width = shapes[index]
-        scale = np.array([image_size / width, image_size / height, image_size / width, image_size / height])
-        evaluable[prototype] = True
-        scaled = [np.asarray(box, np.float64) * scale for box in own]
-        reachable[prototype] = max(box[2] * box[3] for box in scaled) >= smallest_groundable
-        truth.extend(scaled)
-        owner.extend([slot] * len(own))
-    result = dict(evaluable=evaluable, iobb=np.full(num_prototypes, np.nan), reachable=reachable,
-                  grounded=np.zeros(num_prototypes, bool), at_lesion=np.zeros(num_prototypes, bool))
+        own = [box[1:] for box in boxes_of.get(int(source[prototype]), []) if int(box[0]) == classes[prototype]]
+        if own:
+            truth.extend(own)
+            owner.extend([len(chosen)] * len(own))
+            chosen.append(prototype)
+    result = dict(evaluable=np.zeros(num_prototypes, bool), iobb=np.full(num_prototypes, np.nan),
+                  reachable=np.zeros(num_prototypes, bool), grounded=np.zeros(num_prototypes, bool),
+                  at_lesion=np.zeros(num_prototypes, bool))
     if not chosen:
         return result
     chosen = np.asarray(chosen, np.int64)
-    high_boxes = []
+    owner = np.asarray(owner, np.int64)
+    high_boxes, sizes = [], []
     for start in range(0, len(chosen), batch_size):  # bounded memory: batch_size upsampled maps at a time
-        maps = source_similarity_maps(model, dataset, chosen[start : start + batch_size], image_size, device, batch_size)
-        upsampled = F.interpolate(maps.unsqueeze(1), size=(image_size, image_size), mode="bilinear",
-                                  align_corners=False).squeeze(1)
-        high_boxes.append(high_activation_boxes(upsampled.cpu().numpy()))
-    height, width = maps.shape[-2:]
-    points = (location[chosen] + 0.5) * np.array([image_size / height, image_size / width])
-    iobb, inside = grounding_scores(np.concatenate(high_boxes), points, np.asarray(truth).reshape(-1, 4),
-                                    np.asarray(owner, np.int64), len(chosen))
+        maps, chunk_sizes = source_similarity_maps(model, dataset, chosen[start : start + batch_size], image_size,
+                                                   device, batch_size)
+        high_boxes.append(high_activation_boxes(upsample_maps(maps, (image_size, image_size)).cpu().numpy()))
+        sizes.extend(chunk_sizes)
+    # The truth boxes, from their image's own pixels into the image_size x image_size frame.
+    height, width = np.asarray(sizes, np.float64).T  # per evaluable prototype
+    scale = image_size / np.stack([width, height, width, height], axis=1)  # [n, 4] for x, y, w, h
+    truth = np.asarray(truth, np.float64).reshape(-1, 4) * scale[owner]
+    largest_lesion = np.zeros(len(chosen))
+    np.maximum.at(largest_lesion, owner, truth[:, 2] * truth[:, 3])
+
+    map_height, map_width = maps.shape[-2:]
+    points = (location[chosen] + 0.5) * np.array([image_size / map_height, image_size / map_width])
+    iobb, inside = grounding_scores(np.concatenate(high_boxes), points, truth, owner, len(chosen))
+    result["evaluable"][chosen] = True
     result["iobb"][chosen] = iobb
     result["grounded"][chosen] = iobb >= GROUNDING_IOBB
     result["at_lesion"][chosen] = inside
+    result["reachable"][chosen] = largest_lesion >= GROUNDING_IOBB * HIGH_ACTIVATION_SHARE * image_size**2
     return result
 
 

@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from datasets import EvalTransform, class_names_for
-from model import CIPL
+from model import CIPL, paired_similarity_maps
 from settings import Config
 from utils.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from utils.localisation import high_activation_boxes, normalise_maps, upsample_maps
@@ -308,12 +308,8 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
             unique, inverse = np.unique(source[chosen], return_inverse=True)
             raw = [dataset.load_image(int(index)) for index in unique]
             features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
-            # float64: near-equal distances (an untrained or saturated add-on) must not all round to
-            # similarity 1.0, which would leave a flat map and no location to draw.
-            chosen_features = features[torch.as_tensor(inverse, device=device)].double()  # [q, D, h, w]
-            vectors = model.prototypes[torch.as_tensor(chosen, device=device)].double()  # [q, D]
-            distances = (chosen_features - vectors[:, :, None, None]).pow(2).sum(dim=1)  # [q, h, w]
-            similarity = torch.exp(-distances / dim)
+            similarity = paired_similarity_maps(features[torch.as_tensor(inverse, device=device)],
+                                                model.prototypes[torch.as_tensor(chosen, device=device)], dim)
             maps = similarity_images(similarity, [raw[i].shape[:2] for i in inverse])
             boxes = high_activation_boxes(np.stack(maps)) if len({m.shape for m in maps}) == 1 else np.concatenate(
                 [high_activation_boxes(m[None]) for m in maps]

@@ -7,6 +7,7 @@ no disease is present), the class names, optional ground-truth boxes, and ``load
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -19,6 +20,17 @@ Box = tuple[int, float, float, float, float]  # (class_index, x, y, w, h) in loa
 
 class DataError(ValueError):
     """Bad input data: the message names the file and the problem."""
+
+
+def data_root(config, holding: str) -> Path:
+    """``--data-root`` of a source that reads one released folder (NIH, ODIR), checked to be a folder;
+    ``holding`` says what the folder holds, for the error when the flag is missing."""
+    if not config.data_root:
+        raise DataError(f"--preset {config.dataset} needs --data-root: the folder holding {holding}")
+    root = Path(config.data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a folder")
+    return root
 
 
 class UnreadableImage(DataError):

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from data.base import NO_FINDING, DataError, Source
+from data.base import NO_FINDING, DataError, Source, data_root
 from data.pools import FileImageDataset, Plan, attach_boxes, build_splits, carve
 from data.preflight import plural
 from data.tables import multi_hot, origin_tag, read_box_file, read_table, refuse_duplicates, require_columns, split_labels
@@ -29,15 +29,6 @@ NIH_DISEASES: tuple[str, ...] = (
 )
 NIH_CLASS_NAMES: tuple[str, ...] = NIH_DISEASES + (NO_FINDING,)
 NIH_BOX_FRAME = 1024  # BBox_List_2017.csv coordinates are in the 1024 x 1024 release PNGs
-
-
-def _nih_root(config) -> Path:
-    if not config.data_root:
-        raise DataError("--preset nih needs --data-root: the folder holding Data_Entry_2017.csv")
-    root = Path(config.data_root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"--data-root {root} is not a folder")
-    return root
 
 
 def _nih_file(root: Path, names: Sequence[str], what: str) -> Path:
@@ -67,7 +58,7 @@ def read_list(path: Path) -> list[str]:
 
 
 def load_nih(config) -> Plan:
-    root = _nih_root(config)
+    root = data_root(config, "Data_Entry_2017.csv")
     entry_path = _nih_file(root, ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"), "label file")
     entries = read_table(entry_path)
     require_columns(entries, ["Image Index", "Finding Labels", "Patient ID"], entry_path)

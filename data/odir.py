@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.base import DataError, Source
+from data.base import DataError, Source, data_root
 from data.images import IMAGE_SUFFIXES
 from data.pools import FileImageDataset, Plan, build_splits, carve
 from data.tables import multi_hot, origin_tag, read_table, refuse_duplicates, require_columns
@@ -187,11 +187,7 @@ def _compare_with_patient_labels(frame, image_ids, patients, targets, path) -> N
 # The source
 # ----------------------------------------------------------------------------------------------
 def load_odir(config) -> Plan:
-    if not config.data_root:
-        raise DataError("--preset odir needs --data-root: the folder holding the ODIR annotation files and images")
-    root = Path(config.data_root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"--data-root {root} is not a folder")
+    root = data_root(config, "the ODIR annotation files and images")
     test_sets = list(config.odir_test_sets) or ["on-site"]
     unknown = [name for name in test_sets if name not in ("on-site", "off-site")]
     if unknown:

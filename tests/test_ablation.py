@@ -1,8 +1,9 @@
 """experiments/ablation.py: the statistics against hand-computed values, the runs it launches, and the
 table written from a tree of finished runs."""
 import json
-from pathlib import Path
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,11 @@ def test_table_from_finished_runs(tmp_path, capsys):
     assert "gradient" not in text  # full wins on the decorrelated split: nothing to explain
 
 
+def finished_process(returncode: int = 0, stderr: str = "") -> subprocess.CompletedProcess:
+    """What subprocess.run returns for a main.py run (its output is not captured, only stderr)."""
+    return subprocess.CompletedProcess(args=[], returncode=returncode, stdout=None, stderr=stderr)
+
+
 def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
     calls = []
 
@@ -82,11 +88,7 @@ def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
         calls.append(command)
         out = command[command.index("--out-dir") + 1] if "--out-dir" in command else command[command.index("--resume") + 1]
         (tmp_path / "done").write_text(out)
-
-        class Result:
-            returncode = 0
-            stderr = ""
-        return Result()
+        return finished_process()
 
     monkeypatch.setattr(ablation.subprocess, "run", fake_run)
     ablation.run_one(tmp_path, "no-alignment", 3, ["--epochs", "5"], progress=False)
@@ -103,10 +105,7 @@ def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
     assert len(calls) == 2  # a finished run is reused, not run again
 
     def failing_run(command, **kwargs):
-        class Result:
-            returncode = 2
-            stderr = "Traceback ...\nERROR cipl: --epochs 0 must be a positive whole number"
-        return Result()
+        return finished_process(2, "Traceback ...\nERROR cipl: --epochs 0 must be a positive whole number")
 
     monkeypatch.setattr(ablation.subprocess, "run", failing_run)
     with pytest.raises(RuntimeError, match="none seed 1 failed .*--epochs 0 must be"):
@@ -114,13 +113,7 @@ def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
 
 
 def test_a_run_directory_is_only_reused_with_the_options_it_was_started_with(tmp_path, monkeypatch):
-    def fake_run(command, **kwargs):
-        class Result:
-            returncode = 0
-            stderr = ""
-        return Result()
-
-    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+    monkeypatch.setattr(ablation.subprocess, "run", lambda command, **kwargs: finished_process())
     ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False)
     record = json.loads((tmp_path / "no-cross" / "seed-0" / ablation.RUN_RECORD).read_text())
     assert record == dict(variant="no-cross", seed=0, options=["--no-cross-image", "--epochs", "5"])

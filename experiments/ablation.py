@@ -3,6 +3,7 @@
     python -m experiments.ablation --seeds 0 1 2 --variants full no-cross no-alignment none
     python -m experiments.ablation --out runs/ablation --table-only        # re-read finished runs
     python -m experiments.ablation --seeds 0 1 2 -- --epochs 20            # extra main.py options
+    python -m experiments.ablation --seeds 0 1 2 3 4 --jobs 20             # 20 runs at once (a GPU)
 
 Every (variant, seed) is an ordinary ``main.py`` run in its own process, in
 ``OUT/<variant>/seed-<seed>``; a finished run (results.json present) is reused and an interrupted one
@@ -29,8 +30,10 @@ import io
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +149,12 @@ def run_directory(out: Path, variant: str, seed: int) -> Path:
     return out / variant / f"seed-{seed}"
 
 
-def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool) -> Path:
-    """Run (or resume, or reuse) one variant at one seed through main.py in its own process."""
+def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool,
+            environment: dict[str, str] | None = None) -> Path:
+    """Run (or resume, or reuse) one variant at one seed through main.py in its own process.
+
+    environment: the process's environment variables (None: this process's own).
+    """
     directory = run_directory(out, variant, seed)
     options = [*VARIANTS[variant], *extra]
     record = directory / RUN_RECORD
@@ -168,11 +175,34 @@ def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool
         atomic_write_json(record, dict(variant=variant, seed=seed, options=options))
     if not progress:
         command.append("--no-progress")
-    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=environment)
     if result.returncode != 0:
         last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit status {result.returncode}"
         raise RuntimeError(f"{variant} seed {seed} failed ({directory}): {last}")
     return directory
+
+
+def run_all(out: Path, runs: list[tuple[str, int]], extra: list[str], jobs: int, progress: bool) -> list[str]:
+    """Every (variant, seed) through `run_one`, `jobs` at a time; returns the failures' messages.
+
+    With several jobs each run gets an equal share of the CPU threads (OMP_NUM_THREADS, unless the
+    caller set it), so concurrent runs do not oversubscribe the cores; a run's numbers then match a
+    serial run with that thread count, not one with all threads.
+    """
+    environment = None
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    failures = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(runs), desc="ablation runs", disable=not progress) as bar:
+        pending = [pool.submit(run_one, out, variant, seed, extra, False, environment) for variant, seed in runs]
+        for future in as_completed(pending):
+            try:
+                future.result()
+            except RuntimeError as error:
+                failures.append(str(error))
+            bar.update()
+    return failures
 
 
 def collect(out: Path, variants: list[str], seeds: list[int]) -> dict[str, dict[int, dict]]:
@@ -282,6 +312,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--table-only", action="store_true", help="do not train: tabulate the finished runs under --out")
     parser.add_argument("--no-gradient-share", action="store_true",
                         help="skip the gradient-share measurement on the full runs")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at a time (default: 1). On a GPU several small runs share the card; each run "
+                             "gets 1/N of the CPU threads, so its numbers match a serial run with that many threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
                         help="after '--': options passed to every main.py run (e.g. -- --epochs 20)")
@@ -298,13 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         print("experiments.ablation: error: --seeds repeats a seed", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()  # the runs execute in the project root, the table is read from here
+    if args.jobs < 1:
+        print("experiments.ablation: error: --jobs must be at least 1", file=sys.stderr)
+        return 2
     if not args.table_only:
         runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
-        try:
-            for variant, seed in tqdm(runs, desc="ablation runs", disable=args.no_progress):
-                run_one(out, variant, seed, extra, progress=False)
-        except RuntimeError as error:
-            print(f"experiments.ablation: error: {error}", file=sys.stderr)
+        failures = run_all(out, runs, extra, args.jobs, progress=not args.no_progress)
+        for failure in failures:
+            print(f"experiments.ablation: error: {failure}", file=sys.stderr)
+        if failures:
             return 1
     table = collect(out, args.variants, args.seeds)
     if not table:

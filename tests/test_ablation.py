@@ -112,6 +112,27 @@ def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
         ablation.run_one(tmp_path, "none", 1, ["--epochs", "0"], progress=False)
 
 
+def test_parallel_runs_share_the_cpu_threads_and_report_every_failure(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ablation.os, "cpu_count", lambda: 8)
+    seen = []
+
+    def fake_run(command, env=None, **kwargs):
+        out = Path(command[command.index("--out-dir") + 1])
+        seen.append((out.parent.name, out.name, env["OMP_NUM_THREADS"]))
+        if out.parent.name == "none" and out.name == "seed-1":
+            return finished_process(1, "ERROR cipl: out of memory")
+        (out / "results.json").write_text("{}")
+        return finished_process()
+
+    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+    runs = [(variant, seed) for seed in (0, 1) for variant in ("full", "none")]
+    failures = ablation.run_all(tmp_path, runs, [], jobs=4, progress=False)
+    assert sorted(seen) == [("full", "seed-0", "2"), ("full", "seed-1", "2"), ("none", "seed-0", "2"), ("none", "seed-1", "2")]
+    assert len(failures) == 1 and "none seed 1 failed" in failures[0] and "out of memory" in failures[0]
+    assert (tmp_path / "full" / "seed-1" / "results.json").exists()  # the other runs went on after the failure
+
+
 def test_a_run_directory_is_only_reused_with_the_options_it_was_started_with(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation.subprocess, "run", lambda command, **kwargs: finished_process())
     ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False)

@@ -156,7 +156,7 @@ PRESETS: dict[str, dict] = {
         preset="odir", dataset="odir", backbone="densenet121", pretrained=True, image_size=512,
         affine_degrees=30.0, affine_scale_min=0.8, affine_scale_max=1.2, affine_shear=25.0,
     ),
-    # The built-in proving ground: a 2-core CPU trains, pushes and tests it in about 5 minutes, and it is
+    # The built-in proving ground: a 2-core CPU trains, pushes and tests it in about 5½ minutes, and it is
     # built so that localisation is possible and measured. Every value here, and why:
     "synthetic": dict(
         preset="synthetic", dataset="synthetic",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from utils import synthetic
+from utils.prototype_quality import GROUNDING_IOBB, HIGH_ACTIVATION_SHARE
 from utils.synthetic import (
     SYNTHETIC_CLASS_NAMES, SYNTHETIC_DISEASES, SyntheticCase, case_seed, disease_prevalence, render_case,
 )
@@ -142,13 +143,27 @@ def test_targets_are_multi_hot_and_consistent_with_boxes(train_cases):
         assert len(diseases) <= 3
         boxed = [box[0] for box in case.boxes]
         assert set(boxed) == diseases  # a normal case has no boxes; every positive disease has one
-        for disease in diseases:
-            count = boxed.count(disease)
-            assert 1 <= count <= (3 if disease == NODULE else 1)
+        assert all(boxed.count(disease) == 1 for disease in diseases)  # a nodule cluster has one box
         for class_index, x, y, w, h in case.boxes:
             assert isinstance(class_index, int) and 0 <= class_index < NUM_DISEASES
             assert w > 0 and h > 0
             assert x >= 0 and y >= 0 and x + w <= STATS_SIZE + 1e-6 and y + h <= STATS_SIZE + 1e-6
+
+
+def test_lesions_are_large_enough_for_the_grounding_score_to_credit_them(train_cases):
+    """A prototype counts as grounded when its high-activation region (a fixed share of the image)
+    lies at least half inside a box of its class, so a box under half that share can never count.
+    The proving ground draws its lesions so that most of every class can: before, no nodule and under
+    half of the masses could."""
+    smallest = HIGH_ACTIVATION_SHARE * GROUNDING_IOBB
+    least_share = {ATELECTASIS: 0.6, CARDIOMEGALY: 0.99, EFFUSION: 0.99, MASS: 0.9, NODULE: 0.75, PNEUMOTHORAX: 0.99}
+    areas = {disease: [] for disease in range(NUM_DISEASES)}
+    for case in train_cases:
+        for disease, _, _, w, h in case.boxes:
+            areas[disease].append(w * h / STATS_SIZE**2)
+    for disease, share in least_share.items():
+        large_enough = np.mean(np.asarray(areas[disease]) >= smallest)
+        assert large_enough >= share, (SYNTHETIC_DISEASES[disease], large_enough)
 
 
 def test_prevalence_and_normal_share(train_targets):

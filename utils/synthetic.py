@@ -88,16 +88,16 @@ _MAX_DISEASES = 3
 # never count; masses and nodule clusters are drawn large enough to be scored (real nodules are smaller,
 # which `grounding_reachable` reports on real data).
 _MASS_RADIUS = (0.08, 0.12)
+_NODULE_COUNT = (4, 6)  # nodules per cluster
+_NODULE_CLUSTER_SPREAD = (0.11, 0.15)  # radius of the disc the cluster's nodules are scattered over
+# Thin plate-like bands stay, but as the rarer form of atelectasis: their boxes (about 1 % of the image)
+# are below what can be scored, while a segmental wedge's box is not.
+_ATELECTASIS_BAND_SHARE = 0.3
 # Lesion contrast = low + (high - low) * u ** skew with u uniform. The low end reaches the noise floor
 # either way; a skew of 1.5 put nearly two thirds of the lesions in the lower half, and the 2-core budget's
 # ~600 steps then ended with the network still learning in most runs (a plain CNN of the same backbone
 # reached validation AUC 0.76 after 150 steps at skew 1, 0.62 at skew 1.5, one seed).
 _SEVERITY_SKEW = 1.0
-# Thin plate-like bands stay, but as the rarer form of atelectasis: their boxes (about 1 % of the image)
-# are below what can be scored, while a segmental wedge's box is not.
-_ATELECTASIS_BAND_SHARE = 0.3
-_NODULE_COUNT = (4, 6)  # nodules per cluster
-_NODULE_CLUSTER_SPREAD = (0.11, 0.15)  # radius of the disc the cluster's nodules are scattered over
 # The two strongly co-occurring pairs (P(companion | disease) about 0.6): where a classifier can score by
 # recognising the companion, and where CIPL's cross-image term claims to help.
 CO_OCCURRING_DISEASES: tuple[str, ...] = ("Cardiomegaly", "Effusion", "Mass", "Nodule")

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from experiments.gradient_share import format_shares, measure_gradient_shares
 from utils.checkpoint import atomic_write_json, atomic_write_text
@@ -57,7 +58,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "none": ("--no-cross-image", "--no-interpretation-alignment", "--no-prediction-alignment"),
 }
 REFERENCE = "full"
-RUN_RECORD = "ablation-run.json"  # the variant, seed and main.py options a run directory was started with
+RUN_RECORD = "ablation-run.json"  # the variant, seed, main.py options and thread count a run was started with
 
 
 def _co_occurring_auc(split: dict | None) -> float | None:
@@ -158,10 +159,16 @@ def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool
     directory = run_directory(out, variant, seed)
     options = [*VARIANTS[variant], *extra]
     record = directory / RUN_RECORD
-    if record.exists() and json.loads(record.read_text()).get("options") != options:
-        raise RuntimeError(f"{variant} seed {seed}: {directory} was run with other main.py options "
-                           f"({' '.join(json.loads(record.read_text()).get('options', [])) or 'none'}); "
-                           f"choose another --out to compare different settings")
+    threads = (os.environ if environment is None else environment).get("OMP_NUM_THREADS", "all")
+    if record.exists():
+        recorded = json.loads(record.read_text())
+        if recorded.get("options") != options:
+            raise RuntimeError(f"{variant} seed {seed}: {directory} was run with other main.py options "
+                               f"({' '.join(recorded.get('options', [])) or 'none'}); "
+                               f"choose another --out to compare different settings")
+        if recorded.get("threads", "all") != threads:
+            logger.warning("%s seed %d: started with %s threads, now %s; its numbers differ from a run with one "
+                           "thread count throughout", variant, seed, recorded.get("threads", "all"), threads)
     if (directory / "results.json").exists():
         logger.info("%s seed %d: finished earlier, reusing %s", variant, seed, directory)
         return directory
@@ -172,7 +179,7 @@ def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool
         command = [sys.executable, "main.py", "--seed", str(seed), "--out-dir", str(directory), *options]
         logger.info("%s seed %d: %s", variant, seed, " ".join(command[1:]))
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(record, dict(variant=variant, seed=seed, options=options))
+        atomic_write_json(record, dict(variant=variant, seed=seed, options=options, threads=threads))
     if not progress:
         command.append("--no-progress")
     result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -183,25 +190,44 @@ def run_one(out: Path, variant: str, seed: int, extra: list[str], progress: bool
     return directory
 
 
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (affinity, cgroup-pinned jobs)
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
 def run_all(out: Path, runs: list[tuple[str, int]], extra: list[str], jobs: int, progress: bool) -> list[str]:
     """Every (variant, seed) through `run_one`, `jobs` at a time; returns the failures' messages.
 
-    With several jobs each run gets an equal share of the CPU threads (OMP_NUM_THREADS, unless the
-    caller set it), so concurrent runs do not oversubscribe the cores; a run's numbers then match a
-    serial run with that thread count, not one with all threads.
+    With several jobs each run gets an equal share of the cores (OMP_NUM_THREADS, unless the caller
+    set it), so concurrent runs do not oversubscribe them; a run's numbers then match a serial run with
+    that thread count, not one with all threads. A failed run does not stop the others. Ctrl-C cancels
+    the runs not yet started; the running ones receive the same interrupt and stop.
     """
     environment = None
-    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    concurrent = min(jobs, len(runs))
+    if concurrent > 1 and "OMP_NUM_THREADS" not in os.environ:
+        environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, _available_cores() // concurrent))}
     failures = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(runs), desc="ablation runs", disable=not progress) as bar:
-        pending = [pool.submit(run_one, out, variant, seed, extra, False, environment) for variant, seed in runs]
-        for future in as_completed(pending):
-            try:
-                future.result()
-            except RuntimeError as error:
-                failures.append(str(error))
-            bar.update()
+    with ThreadPoolExecutor(max_workers=max(1, concurrent)) as pool, logging_redirect_tqdm(), \
+            tqdm(total=len(runs), desc="ablation runs", disable=not progress) as bar:
+        names = {pool.submit(run_one, out, variant, seed, extra, False, environment): (variant, seed)
+                 for variant, seed in runs}
+        try:
+            for future in as_completed(names):
+                try:
+                    future.result()
+                except RuntimeError as error:
+                    failures.append(str(error))
+                except Exception as error:  # a broken run record, an OSError: still report it with the others
+                    variant, seed = names[future]
+                    failures.append(f"{variant} seed {seed}: {error!r}")
+                bar.update()
+        except KeyboardInterrupt:
+            for future in names:
+                future.cancel()
+            raise
     return failures
 
 
@@ -329,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("'%s' is not among the variants: no paired differences will be reported", REFERENCE)
     if len(set(args.seeds)) != len(args.seeds):
         print("experiments.ablation: error: --seeds repeats a seed", file=sys.stderr)
+        return 2
+    if len(set(args.variants)) != len(args.variants):
+        print("experiments.ablation: error: --variants repeats a variant", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()  # the runs execute in the project root, the table is read from here
     if args.jobs < 1:

@@ -3,6 +3,7 @@ table written from a tree of finished runs."""
 import json
 import math
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -112,34 +113,93 @@ def test_each_run_is_a_main_py_process_resumed_or_reused(tmp_path, monkeypatch):
         ablation.run_one(tmp_path, "none", 1, ["--epochs", "0"], progress=False)
 
 
-def test_parallel_runs_share_the_cpu_threads_and_report_every_failure(tmp_path, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(ablation.os, "cpu_count", lambda: 8)
-    seen = []
-
+def _recording_run(seen: list, failing: tuple[str, str] | None = None):
+    """A fake subprocess.run for main.py: records (variant, seed folder, OMP_NUM_THREADS) and finishes
+    the run, except the `failing` one."""
     def fake_run(command, env=None, **kwargs):
         out = Path(command[command.index("--out-dir") + 1])
-        seen.append((out.parent.name, out.name, env["OMP_NUM_THREADS"]))
-        if out.parent.name == "none" and out.name == "seed-1":
+        seen.append((out.parent.name, out.name, None if env is None else env.get("OMP_NUM_THREADS")))
+        if (out.parent.name, out.name) == failing:
             return finished_process(1, "ERROR cipl: out of memory")
         (out / "results.json").write_text("{}")
         return finished_process()
+    return fake_run
 
-    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+
+def test_parallel_runs_share_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(ablation, "_available_cores", lambda: 8)
+    seen = []
+    monkeypatch.setattr(ablation.subprocess, "run", _recording_run(seen))
     runs = [(variant, seed) for seed in (0, 1) for variant in ("full", "none")]
-    failures = ablation.run_all(tmp_path, runs, [], jobs=4, progress=False)
+    assert ablation.run_all(tmp_path / "four", runs, [], jobs=4, progress=False) == []
     assert sorted(seen) == [("full", "seed-0", "2"), ("full", "seed-1", "2"), ("none", "seed-0", "2"), ("none", "seed-1", "2")]
-    assert len(failures) == 1 and "none seed 1 failed" in failures[0] and "out of memory" in failures[0]
-    assert (tmp_path / "full" / "seed-1" / "results.json").exists()  # the other runs went on after the failure
+    seen.clear()
+    ablation.run_all(tmp_path / "more-jobs-than-runs", runs, [], jobs=20, progress=False)
+    assert {threads for *_, threads in seen} == {"2"}  # 4 runs at once, not 20
+    seen.clear()
+    ablation.run_all(tmp_path / "serial", runs, [], jobs=1, progress=False)
+    assert {threads for *_, threads in seen} == {None}  # one at a time: the process's own environment
+    seen.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    ablation.run_all(tmp_path / "caller-set", runs, [], jobs=4, progress=False)
+    assert {threads for *_, threads in seen} == {None}  # inherits the caller's 3 threads unchanged
+    assert json.loads((tmp_path / "caller-set" / "full" / "seed-0" / ablation.RUN_RECORD).read_text())["threads"] == "3"
 
 
-def test_a_run_directory_is_only_reused_with_the_options_it_was_started_with(tmp_path, monkeypatch):
+def test_a_failed_run_does_not_stop_the_others_and_every_failure_is_reported(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ablation.subprocess, "run", _recording_run(seen, failing=("none", "seed-0")))
+    runs = [("none", 0), ("full", 0), ("full", 1)]
+    failures = ablation.run_all(tmp_path, runs, [], jobs=1, progress=False)
+    assert len(failures) == 1 and "none seed 0 failed" in failures[0] and "out of memory" in failures[0]
+    assert (tmp_path / "full" / "seed-0" / "results.json").exists() and (tmp_path / "full" / "seed-1" / "results.json").exists()
+    broken = tmp_path / "no-cross" / "seed-0"
+    broken.mkdir(parents=True)
+    (broken / ablation.RUN_RECORD).write_text("{not json")
+    failures = ablation.run_all(tmp_path, [("no-cross", 0), ("none", 1)], [], jobs=1, progress=False)
+    assert len(failures) == 1 and failures[0].startswith("no-cross seed 0: JSONDecodeError")
+    assert (tmp_path / "none" / "seed-1" / "results.json").exists()
+
+
+def test_an_interrupt_cancels_the_runs_not_yet_started(tmp_path, monkeypatch):
+    started, release = [], threading.Event()
+
+    def blocking_run(out, variant, seed, *args):
+        started.append((variant, seed))
+        release.wait(10)  # still running when Ctrl-C arrives
+
+    def ctrl_c(futures):  # Ctrl-C reaches the main thread while it waits for the runs
+        threading.Timer(0.2, release.set).start()  # the running one then ends, as main.py does on SIGINT
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(ablation, "run_one", blocking_run)
+    monkeypatch.setattr(ablation, "as_completed", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_all(tmp_path, [("full", 0), ("full", 1), ("none", 0)], [], jobs=1, progress=False)
+    assert started in ([], [("full", 0)])  # the queued runs never start
+
+
+def test_repeated_variants_or_jobs_below_one_are_refused(tmp_path, capsys):
+    assert ablation.main(["--variants", "full", "full", "--out", str(tmp_path)]) == 2
+    assert "--variants repeats a variant" in capsys.readouterr().err
+    assert ablation.main(["--jobs", "0", "--out", str(tmp_path)]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_a_run_directory_is_only_reused_with_the_options_it_was_started_with(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(ablation.subprocess, "run", lambda command, **kwargs: finished_process())
     ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False)
     record = json.loads((tmp_path / "no-cross" / "seed-0" / ablation.RUN_RECORD).read_text())
-    assert record == dict(variant="no-cross", seed=0, options=["--no-cross-image", "--epochs", "5"])
+    assert record == dict(variant="no-cross", seed=0, options=["--no-cross-image", "--epochs", "5"], threads="all")
     (tmp_path / "no-cross" / "seed-0" / "results.json").write_text("{}")
-    ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False)  # same options: reused
+    with caplog.at_level("WARNING", logger="cipl.ablation"):
+        ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False)  # same options: reused
+        assert not caplog.records
+        ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "5"], progress=False, environment={"OMP_NUM_THREADS": "1"})
+        assert "started with all threads, now 1" in caplog.text  # reused, but the thread count is flagged
     with pytest.raises(RuntimeError, match="was run with other main.py options .*--epochs 5"):
         ablation.run_one(tmp_path, "no-cross", 0, ["--epochs", "20"], progress=False)
 

@@ -176,7 +176,7 @@ PRESETS: dict[str, dict] = {
         # about a third of a paired one; 6 of them instead of 4 raised the mean validation AUC of 3-4
         # trial seeds from 0.85 to 0.86-0.89 and left fewer runs still climbing at the end.
         epochs=13, warmup_epochs=6, push_epochs=(10, 12), last_layer_epochs=1, samples_per_epoch=800,
-        lr_milestones=(10,),  # one halving, after the first push (the paper: at epoch 10 of 41, then every 5)
+        lr_milestones=(10,),  # one halving, from the epoch of the first push (the paper: at epoch 10 of 41, then every 5)
         batch_size=16,  # pairs per step; 24 in the paper, fewer here so that a step costs ~0.4 s on a CPU
         class_weight_cap=10.0,  # six diseases at 11-19 % prevalence need no weight above 10
         lr_backbone=1e-3,  # trained from scratch here, unlike the paper's ImageNet-initialised DenseNet

@@ -151,9 +151,33 @@ def test_grounding_on_hand_built_maps(monkeypatch):
     assert report["overall"]["distinct_images"] == 3 and report["overall"]["distinct_locations"] == 6
     # Worked through a few maps at a time (bounded memory), the answer is the same.
     chunked = pq.prototype_grounding(model, TwoBoxImages(), 50, "cpu", batch_size=2)
-    for key in ("evaluable", "grounded", "at_lesion", "reachable"):
+    for key in ("evaluable", "grounded", "at_lesion", "on_other_lesion", "reachable"):
         assert chunked[key].tolist() == grounding[key].tolist()
     np.testing.assert_array_equal(chunked["iobb"], grounding["iobb"])
+
+
+class CompanionImages:
+    """One 50 x 50 image holding an A lesion (x 0-20, y 0-20) and a B lesion (x 10-50, y 10-50) that
+    overlap in x, y 10-20: cells of 10 px, so cell (0, 0) is A's only, (1, 1) both, (4, 4) B's only."""
+    boxes = {0: [(0, 0.0, 0.0, 20.0, 20.0), (1, 10.0, 10.0, 40.0, 40.0)]}
+
+    def load_image(self, index):
+        return np.zeros((50, 50), np.uint8)
+
+
+def test_a_prototype_on_another_diseases_lesion_is_counted_only_off_its_own(monkeypatch):
+    model = CIPL(["A", "B", "No Finding"], backbone="tiny", prototype_dim=4, prototypes_per_class=2)
+    model.prototype_source_index.copy_(torch.zeros(6, dtype=torch.long))
+    # A on its own lesion; A on B's lesion only; B on the overlap (its own counts first); B on A's lesion only.
+    model.prototype_source_location.copy_(torch.tensor([[0, 0], [4, 4], [1, 1], [0, 0], [2, 2], [3, 3]]))
+    monkeypatch.setattr(pq, "source_similarity_maps", lambda model, dataset, prototypes, *args, **kwargs: (
+        torch.ones(len(prototypes), 5, 5, dtype=torch.float64), [(50, 50)] * len(prototypes)))
+    grounding = pq.prototype_grounding(model, CompanionImages(), 50, "cpu")
+    assert grounding["at_lesion"].tolist() == [True, False, True, False, False, False]
+    assert grounding["on_other_lesion"].tolist() == [False, True, False, True, False, False]  # NF never counts
+    report = pq.quality_report(model, pq.model_diversity(model), grounding, selectivity=None)
+    assert report["per_class"]["A"]["on_other_lesion"] == 0.5 and report["overall"]["on_other_lesion"] == 0.5
+    assert "on another disease's 0.500" in pq.format_quality(report)
 
 
 def test_grounding_is_absent_without_boxes():

@@ -12,7 +12,8 @@ overall:
   galleries draw) overlaps a ground-truth box of the prototype's class with IoBB >= 0.5. Only where the
   training split has boxes; prototypes whose source image has no box of their class are not counted.
   ``at_lesion`` is the companion for small lesions: the pushed feature-map cell's centre lies inside
-  such a box. ``reachable`` is a heuristic for how much of the figure is attainable: the share whose
+  such a box. ``on_other_lesion``: it lies instead on a box of another disease in the same image, a
+  prototype that learnt a companion disease, which CIPL's cross-image term exists to prevent. ``reachable`` is a heuristic for how much of the figure is attainable: the share whose
   lesion box is at least half the size of the high-activation region (the 95th percentile covers 5% of
   the image). The box is drawn around the connected part that holds the maximum, which can be smaller
   than 5%, but on a smooth map it rarely is, so a lesion below that size (a nodule, a thin band) is
@@ -195,8 +196,9 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     """Grounding of every pushed disease prototype whose source image has a box of its class.
 
     Returns arrays [P]: ``evaluable`` (bool), ``iobb`` (best IoBB, NaN where not evaluable),
-    ``grounded`` (IoBB >= 0.5), ``at_lesion`` (pushed cell centre inside a box) and ``reachable`` (its
-    largest lesion box holds at least half of HIGH_ACTIVATION_SHARE of the image); None when the
+    ``grounded`` (IoBB >= 0.5), ``at_lesion`` (pushed cell centre inside a box), ``on_other_lesion``
+    (pushed cell centre inside another disease's box of the same image and in none of its own) and
+    ``reachable`` (its largest lesion box holds at least half of HIGH_ACTIVATION_SHARE of the image); None when the
     dataset has no boxes at all. Boxes are scaled from the image's own pixels into the model's
     image_size x image_size frame, where the maps live.
     """
@@ -209,16 +211,21 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     location = model.prototype_source_location.cpu().numpy()
     disease = (source >= 0) & (classes != model.no_finding_index)
     truth, owner = [], []
+    foreign, foreign_owner = [], []  # the other diseases' boxes in the same source images
     chosen = []  # the evaluable disease prototypes, in index order; owner refers to positions in it
     for prototype in np.flatnonzero(disease):  # a few hundred records; gathers boxes, no tensor work
-        own = [box[1:] for box in boxes_of.get(int(source[prototype]), []) if int(box[0]) == classes[prototype]]
+        boxes = boxes_of.get(int(source[prototype]), [])
+        own = [box[1:] for box in boxes if int(box[0]) == classes[prototype]]
         if own:
             truth.extend(own)
             owner.extend([len(chosen)] * len(own))
+            others = [box[1:] for box in boxes if int(box[0]) != classes[prototype]]
+            foreign.extend(others)
+            foreign_owner.extend([len(chosen)] * len(others))
             chosen.append(prototype)
     result = dict(evaluable=np.zeros(num_prototypes, bool), iobb=np.full(num_prototypes, np.nan),
                   reachable=np.zeros(num_prototypes, bool), grounded=np.zeros(num_prototypes, bool),
-                  at_lesion=np.zeros(num_prototypes, bool))
+                  at_lesion=np.zeros(num_prototypes, bool), on_other_lesion=np.zeros(num_prototypes, bool))
     if not chosen:
         return result
     chosen = np.asarray(chosen, np.int64)
@@ -233,16 +240,22 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     height, width = np.asarray(sizes, np.float64).T  # per evaluable prototype
     scale = image_size / np.stack([width, height, width, height], axis=1)  # [n, 4] for x, y, w, h
     truth = np.asarray(truth, np.float64).reshape(-1, 4) * scale[owner]
+    foreign_owner = np.asarray(foreign_owner, np.int64)
+    foreign = np.asarray(foreign, np.float64).reshape(-1, 4) * scale[foreign_owner]
     largest_lesion = np.zeros(len(chosen))
     np.maximum.at(largest_lesion, owner, truth[:, 2] * truth[:, 3])
 
     map_height, map_width = maps.shape[-2:]
     points = (location[chosen] + 0.5) * np.array([image_size / map_height, image_size / map_width])
     iobb, inside = grounding_scores(np.concatenate(high_boxes), points, truth, owner, len(chosen))
+    in_foreign = np.zeros(len(chosen), dtype=bool)
+    if len(foreign):
+        np.logical_or.at(in_foreign, foreign_owner, points_in_boxes(points[foreign_owner], foreign))
     result["evaluable"][chosen] = True
     result["iobb"][chosen] = iobb
     result["grounded"][chosen] = iobb >= GROUNDING_IOBB
     result["at_lesion"][chosen] = inside
+    result["on_other_lesion"][chosen] = in_foreign & ~inside
     result["reachable"][chosen] = largest_lesion >= GROUNDING_IOBB * HIGH_ACTIVATION_SHARE * image_size**2
     return result
 
@@ -276,6 +289,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
             entry["grounding_evaluable"] = int(evaluable.sum())
             entry["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
             entry["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
+            entry["on_other_lesion"] = _mean_or_none(grounding["on_other_lesion"][evaluable]) if evaluable.any() else None
             entry["grounding_reachable"] = _mean_or_none(grounding["reachable"][evaluable]) if evaluable.any() else None
             entry["mean_iobb"] = _mean_or_none(grounding["iobb"][evaluable])
         if selectivity is not None:
@@ -300,6 +314,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
         overall["grounding_evaluable"] = int(evaluable.sum())
         overall["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
         overall["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
+        overall["on_other_lesion"] = _mean_or_none(grounding["on_other_lesion"][evaluable]) if evaluable.any() else None
         overall["grounding_reachable"] = _mean_or_none(grounding["reachable"][evaluable]) if evaluable.any() else None
     if selectivity is not None:
         overall["selectivity"] = _mean_or_none(selectivity[disease])
@@ -340,7 +355,7 @@ def quality_scalars(report: dict) -> dict[str, float]:
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     scalars["collapsed_classes"] = float(len(report["overall"]["collapsed_classes"]))
     for name, entry in report["per_class"].items():
-        for key in ("distinct_locations", "largest_location_share", "grounded", "at_lesion", "selectivity"):
+        for key in ("distinct_locations", "largest_location_share", "grounded", "at_lesion", "on_other_lesion", "selectivity"):
             if entry.get(key) is not None:
                 scalars[f"{key}/{name}"] = float(entry[key])
     return scalars
@@ -349,7 +364,7 @@ def quality_scalars(report: dict) -> dict[str, float]:
 def format_quality(report: dict) -> str:
     """The prototype-quality figures as a small fixed-width table for the log."""
     lines = [f"{'class':<16} {'n':>3} {'images':>6} {'cells':>5} {'top cell':>8} {'grounded':>8} {'reachable':>9} "
-             f"{'at lesion':>9} {'select':>7}"]
+             f"{'at lesion':>9} {'other':>6} {'select':>7}"]
 
     def number(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -358,10 +373,10 @@ def format_quality(report: dict) -> str:
         lines.append(f"{name[:16]:<16} {entry['prototypes']:>3} {entry['distinct_images']:>6} {entry['distinct_locations']:>5} "
                      f"{entry['largest_location_share']:>8.2f} {number(entry.get('grounded')):>8} "
                      f"{number(entry.get('grounding_reachable')):>9} {number(entry.get('at_lesion')):>9} "
-                     f"{number(entry.get('selectivity')):>7}")
+                     f"{number(entry.get('on_other_lesion')):>6} {number(entry.get('selectivity')):>7}")
     overall = report["overall"]
     lines.append(f"overall: grounded {number(overall.get('grounded'))} (reachable {number(overall.get('grounding_reachable'))}), "
-                 f"at lesion {number(overall.get('at_lesion'))}, "
+                 f"at lesion {number(overall.get('at_lesion'))} (on another disease's {number(overall.get('on_other_lesion'))}), "
                  f"selectivity {number(overall.get('selectivity'))}, collapsed classes: "
                  f"{', '.join(overall['collapsed_classes']) or 'none'}")
     return "\n".join(lines)

@@ -168,7 +168,7 @@ PRESETS: dict[str, dict] = {
         prototype_dim=64,  # D: a quarter of the paper's 256 keeps distances, co-attention and L_inte cheap
         # M: several lesion patterns per class, 84 prototypes in all. With 8 the collapse rule (no cell or
         # image holding more than a quarter) allowed only 2 per cell, and an enlarged heart, which sits on
-        # the same few cells in every image, tripped it in 6 of 10 trial runs; 12 allows 3 of 12.
+        # the same few cells in every image, tripped it in 6 of 16 trial runs; 12 allows 3 of 12.
         prototypes_per_class=12,
         synthetic_train_size=1600, synthetic_val_size=400, synthetic_test_size=800,  # render in ~20 s
         # The paper's shape (warm-up, paired training, two pushes each followed by last-layer training)

@@ -153,8 +153,9 @@ def test_targets_are_multi_hot_and_consistent_with_boxes(train_cases):
 def test_lesions_are_large_enough_for_the_grounding_score_to_credit_them(train_cases):
     """A prototype counts as grounded when its high-activation region (a fixed share of the image)
     lies at least half inside a box of its class, so a box under half that share can never count.
-    The proving ground draws its lesions so that most of every class can: before, no nodule and under
-    half of the masses could."""
+    The proving ground draws its lesions so that most of every class can (the earlier generator: no
+    nodule, 57 % of the masses and 43 % of the atelectases, measured on these 2000 cases).
+    """
     smallest = HIGH_ACTIVATION_SHARE * GROUNDING_IOBB
     least_share = {ATELECTASIS: 0.6, CARDIOMEGALY: 0.99, EFFUSION: 0.99, MASS: 0.9, NODULE: 0.75, PNEUMOTHORAX: 0.99}
     areas = {disease: [] for disease in range(NUM_DISEASES)}

@@ -13,11 +13,12 @@ overall:
   training split has boxes; prototypes whose source image has no box of their class are not counted.
   ``at_lesion`` is the companion for small lesions: the pushed feature-map cell's centre lies inside
   such a box. ``on_other_lesion``: it lies instead on a box of another disease in the same image, a
-  prototype that learnt a companion disease, which CIPL's cross-image term exists to prevent. ``reachable`` is a heuristic for how much of the figure is attainable: the share whose
-  lesion box is at least half the size of the high-activation region (the 95th percentile covers 5% of
-  the image). The box is drawn around the connected part that holds the maximum, which can be smaller
-  than 5%, but on a smooth map it rarely is, so a lesion below that size (a nodule, a thin band) is
-  seldom grounded by any model.
+  prototype that learnt a companion disease, which CIPL's cross-image term exists to prevent.
+  ``reachable`` is a heuristic for how much of the figure is attainable: the share whose lesion box is
+  at least half the size of the high-activation region (the 95th percentile covers 5% of the image).
+  The box is drawn around the connected part that holds the maximum, which can be smaller than 5%,
+  but on a smooth map it rarely is, so a lesion below that size (a single nodule, a thin band) is
+  seldom grounded by any model. It is necessary, not sufficient: the box is usually larger than 5%.
 * **selectivity** -- per prototype, its mean score max_hw exp(-d/D) on images *with* its class minus on
   images *without* it. A prototype that fires on everything scores ~0.
 
@@ -269,6 +270,16 @@ def _mean_or_none(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+# report key -> prototype_grounding array whose share among the evaluable prototypes it gives
+GROUNDING_SHARES = (("grounded", "grounded"), ("at_lesion", "at_lesion"), ("on_other_lesion", "on_other_lesion"),
+                    ("grounding_reachable", "reachable"))
+
+
+def _grounding_shares(grounding: dict[str, np.ndarray], evaluable: np.ndarray) -> dict[str, float | None]:
+    """Each grounding share among the `evaluable` prototypes (None where there are none)."""
+    return {name: _mean_or_none(grounding[key][evaluable]) for name, key in GROUNDING_SHARES}
+
+
 def quality_report(model, diversity: dict, grounding: dict | None, selectivity: np.ndarray | None) -> dict:
     """The ``prototypes`` section of results.json / prototypes.json: per class and overall."""
     classes = model.prototype_class.cpu().numpy()
@@ -287,10 +298,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
         if grounding is not None and class_index != model.no_finding_index:
             evaluable = members & grounding["evaluable"]
             entry["grounding_evaluable"] = int(evaluable.sum())
-            entry["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
-            entry["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
-            entry["on_other_lesion"] = _mean_or_none(grounding["on_other_lesion"][evaluable]) if evaluable.any() else None
-            entry["grounding_reachable"] = _mean_or_none(grounding["reachable"][evaluable]) if evaluable.any() else None
+            entry.update(_grounding_shares(grounding, evaluable))
             entry["mean_iobb"] = _mean_or_none(grounding["iobb"][evaluable])
         if selectivity is not None:
             entry["selectivity"] = _mean_or_none(selectivity[members])
@@ -312,10 +320,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
     if grounding is not None:
         evaluable = disease & grounding["evaluable"]
         overall["grounding_evaluable"] = int(evaluable.sum())
-        overall["grounded"] = _mean_or_none(grounding["grounded"][evaluable]) if evaluable.any() else None
-        overall["at_lesion"] = _mean_or_none(grounding["at_lesion"][evaluable]) if evaluable.any() else None
-        overall["on_other_lesion"] = _mean_or_none(grounding["on_other_lesion"][evaluable]) if evaluable.any() else None
-        overall["grounding_reachable"] = _mean_or_none(grounding["reachable"][evaluable]) if evaluable.any() else None
+        overall.update(_grounding_shares(grounding, evaluable))
     if selectivity is not None:
         overall["selectivity"] = _mean_or_none(selectivity[disease])
         overall["selectivity_no_finding"] = _mean_or_none(selectivity[~disease])

@@ -2,7 +2,7 @@
 
     python -m experiments.ablation --seeds 0 1 2 --variants full no-cross no-alignment none
     python -m experiments.ablation --out runs/ablation --table-only        # re-read finished runs
-    python -m experiments.ablation --seeds 0 1 2 -- --epochs 20            # extra main.py options
+    python -m experiments.ablation --seeds 0 1 2 -- --samples-per-epoch 2400  # extra main.py options
     python -m experiments.ablation --seeds 0 1 2 3 4 --jobs 20             # 20 runs at once (a GPU)
 
 Every (variant, seed) is an ordinary ``main.py`` run in its own process, in
@@ -345,7 +345,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "gets 1/N of the CPU threads, so its numbers match a serial run with that many threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("extra", nargs=argparse.REMAINDER,
-                        help="after '--': options passed to every main.py run (e.g. -- --epochs 20)")
+                        help="after '--': options passed to every main.py run (e.g. -- --samples-per-epoch 2400, the schedule of the README's proving-ground figures)")
     return parser
 
 

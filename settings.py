@@ -176,7 +176,7 @@ PRESETS: dict[str, dict] = {
         # about a third of a paired one; 6 of them instead of 4 raised the mean validation AUC of 3-4
         # trial seeds from 0.85 to 0.86-0.89 and left fewer runs still climbing at the end.
         # The prototypes need more than this 6-minute budget: with --samples-per-epoch 2400 (3x, about
-        # 12 minutes here) the disease prototypes grounded on the training split rose from 39 % to 72 %
+        # 11 minutes here) the disease prototypes grounded on the training split rose from 39 % to 72 %
         # and validation AUC from 0.86 to 0.98 (trial seeds 10-13, one H100). The README's
         # proving-ground figures use 2400; the default stays a run that finishes in minutes.
         epochs=13, warmup_epochs=6, push_epochs=(10, 12), last_layer_epochs=1, samples_per_epoch=800,

@@ -162,11 +162,20 @@ def grounding_scores(boxes: np.ndarray, points: np.ndarray, truth: np.ndarray, o
     a prototype owning no truth box gets IoBB 0 and False.
     """
     best = np.zeros(count)
-    inside = np.zeros(count, dtype=bool)
     if len(truth):
         np.maximum.at(best, owner, box_iobb(boxes[owner], truth))
+    return best, points_in_owned_boxes(points, truth, owner, count)
+
+
+def points_in_owned_boxes(points: np.ndarray, truth: np.ndarray, owner: np.ndarray, count: int) -> np.ndarray:
+    """Whether each prototype's point (y, x) falls in any of the boxes it owns.
+
+    points [n, 2], truth [G, 4] (x, y, w, h), owner [G] in 0..n-1 -> [n] bool (False where it owns none).
+    """
+    inside = np.zeros(count, dtype=bool)
+    if len(truth):
         np.logical_or.at(inside, owner, points_in_boxes(points[owner], truth))
-    return best, inside
+    return inside
 
 
 @torch.no_grad()
@@ -249,9 +258,7 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     map_height, map_width = maps.shape[-2:]
     points = (location[chosen] + 0.5) * np.array([image_size / map_height, image_size / map_width])
     iobb, inside = grounding_scores(np.concatenate(high_boxes), points, truth, owner, len(chosen))
-    in_foreign = np.zeros(len(chosen), dtype=bool)
-    if len(foreign):
-        np.logical_or.at(in_foreign, foreign_owner, points_in_boxes(points[foreign_owner], foreign))
+    in_foreign = points_in_owned_boxes(points, foreign, foreign_owner, len(chosen))
     result["evaluable"][chosen] = True
     result["iobb"][chosen] = iobb
     result["grounded"][chosen] = iobb >= GROUNDING_IOBB

@@ -33,7 +33,6 @@ __all__ = [
     "disease_margins",
     "interpretation_alignment_loss",
     "prediction_alignment_loss",
-    "prototype_diversity_loss",
     "separation_distance",
     "separation_loss",
     "shared_targets",
@@ -165,32 +164,6 @@ def separation_loss(
     return F.relu(margin - separation_distance(min_distances, targets, prototype_class))
 
 
-def prototype_diversity_loss(prototypes: Tensor, prototype_class: Tensor, margin: float = 1.0) -> Tensor:
-    """Optional, not in the paper: mean over pairs of prototypes of one class of ``relu(margin - d²)``.
-
-    ``d²`` is the squared distance between the two prototype vectors, in the unit of L_clst and L_sep.
-    A class whose prototypes converge to one vector pushes them all to the same patch type and often
-    the same cell (the collapse the quality report flags); the hinge keeps each pair at least
-    ``margin`` apart and leaves pairs beyond it alone. Weighted by ``weight_diversity``, which is 0
-    (off) in every preset.
-
-    Shapes: ``prototypes`` [P, D], ``prototype_class`` [P] -> scalar (0 when no class owns two prototypes).
-    """
-    if prototypes.dim() != 2 or prototype_class.shape != prototypes.shape[:1]:
-        raise ValueError(
-            f"prototypes must be [P, D] and prototype_class [P], got {tuple(prototypes.shape)} and "
-            f"{tuple(prototype_class.shape)}"
-        )
-    with torch.autocast(device_type=prototypes.device.type, enabled=False):
-        vectors = prototypes.float() if prototypes.dtype in (torch.float16, torch.bfloat16) else prototypes
-        squared_norms = vectors.pow(2).sum(dim=1)
-        distances = (squared_norms[:, None] - 2.0 * vectors @ vectors.T + squared_norms[None, :]).clamp_min(0.0)
-        index = prototype_class.to(device=prototypes.device, dtype=torch.long)
-        same_class_pair = (index[:, None] == index[None, :]).triu(diagonal=1)  # each unordered pair once
-        hinge = torch.where(same_class_pair, F.relu(margin - distances), torch.zeros_like(distances))
-        return hinge.sum() / same_class_pair.sum().clamp_min(1)
-
-
 def shared_targets(targets_a: Tensor, targets_b: Tensor) -> Tensor:
     """Target of the co-attended features of a pair: diseases both images have.
 
@@ -298,7 +271,6 @@ class LossWeights:
     cross_image: float = 0.5
     interpretation: float = 0.5
     prediction: float = 10.0
-    diversity: float = 0.0  # not in the paper: prototype_diversity_loss, off unless asked for
 
 
 # Keys of ``combine_losses``'s ``terms``; each is also a LossWeights field of the same name.
@@ -309,7 +281,6 @@ LOSS_TERMS = (
     "cross_image",
     "interpretation",
     "prediction",
-    "diversity",
 )
 
 
@@ -317,10 +288,10 @@ def combine_losses(terms: dict[str, Tensor], weights: LossWeights) -> Tensor:
     """Weighted sum of whichever loss terms are present.
 
     ``terms`` may hold any subset of ``'classification', 'cluster', 'separation',
-    'cross_image', 'interpretation', 'prediction', 'diversity'`` (``'separation'`` is already the
-    hinge from :func:`separation_loss`); absent terms are skipped, so the warm-up stage passes only
-    the first three (and 'diversity' where it is switched on). Unknown keys raise ``ValueError``
-    so a misspelt term is never silently dropped.
+    'cross_image', 'interpretation', 'prediction'`` (``'separation'`` is already the hinge
+    from :func:`separation_loss`); absent terms are skipped, so the warm-up stage passes only
+    the first three. Unknown keys raise ``ValueError`` so a misspelt term is never silently
+    dropped.
 
     Shapes: each term a scalar tensor -> scalar.
     Reference: METHOD.md, Losses, "Total".
@@ -332,6 +303,6 @@ def combine_losses(terms: dict[str, Tensor], weights: LossWeights) -> Tensor:
     if not present:
         raise ValueError("combine_losses needs at least one loss term")
     total = terms[present[0]] * getattr(weights, present[0])
-    for name in present[1:]:  # at most seven named terms, not a loop over data
+    for name in present[1:]:  # at most six named terms, not a loop over data
         total = total + terms[name] * getattr(weights, name)
     return total

@@ -87,8 +87,6 @@ class Config:
     weight_cross_image: float = 0.5
     weight_interpretation: float = 0.5
     weight_prediction: float = 10.0
-    weight_diversity: float = 0.0  # not in the paper: within-class prototype diversity hinge (0 = off)
-    diversity_margin: float = 1.0
     cross_image: bool = True  # ablation switch: cross-image common-semantics term
     interpretation_alignment: bool = True  # ablation switch: L_inte
     prediction_alignment: bool = True  # ablation switch: L_pred
@@ -218,8 +216,7 @@ NON_NEGATIVE_INTS = ("seed", "split_seed", "num_workers", "samples_per_epoch", "
                      "max_stages", "decode_threads", "synthetic_decorrelated_test_size")
 NON_NEGATIVE_FLOATS = ("lr_backbone", "lr_add_on", "lr_prototypes", "lr_last_layer", "weight_decay",
                        "weight_classification", "weight_cluster", "weight_separation", "separation_margin",
-                       "weight_cross_image", "weight_interpretation", "weight_prediction",
-                       "weight_diversity", "diversity_margin")
+                       "weight_cross_image", "weight_interpretation", "weight_prediction")
 POSITIVE_FLOATS = ("lr_gamma", "class_weight_cap", "no_finding_weight_warmup", "no_finding_weight_paired",
                    "affine_scale_min", "affine_scale_max")
 # name -> (low, high, low included, high included, what the number is)
@@ -428,11 +425,6 @@ _HELP = {
     "weight_interpretation": "weight of L_inte, the student-teacher similarity-map alignment (paper: 0.5)",
     "weight_prediction": "weight of L_pred, the student-teacher batch-relational prediction alignment "
                          "(paper: 10)",
-    "weight_diversity": "weight of an optional term that is not in the paper: the hinge relu(margin - d) on the "
-                        "squared distance d between every two prototypes of one class, against prototypes "
-                        "that converge to one vector (default 0: off, the paper's loss)",
-    "diversity_margin": "margin of the diversity hinge, in squared feature distance (used only with "
-                        "--weight-diversity above 0)",
     "cross_image": "ablation switch: with --no-cross-image the cross-image term L_cross is left out",
     "interpretation_alignment": "ablation switch: with --no-interpretation-alignment L_inte is left out",
     "prediction_alignment": "ablation switch: with --no-prediction-alignment L_pred is left out",
@@ -485,8 +477,8 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "losses and ablations": (
         "weight_classification", "weight_cluster", "weight_separation", "separation_margin", "weight_cross_image",
-        "weight_interpretation", "weight_prediction", "weight_diversity", "diversity_margin", "cross_image",
-        "interpretation_alignment", "prediction_alignment",
+        "weight_interpretation", "weight_prediction", "cross_image", "interpretation_alignment",
+        "prediction_alignment",
     ),
     "augmentation": (
         "strong_augmentation", "crop_margin", "crop_scale_min", "affine_degrees", "affine_translate", "affine_scale_min", "affine_scale_max",

@@ -23,7 +23,6 @@ from losses import (
     disease_margins,
     interpretation_alignment_loss,
     prediction_alignment_loss,
-    prototype_diversity_loss,
     separation_distance,
     separation_loss,
     shared_targets,
@@ -166,17 +165,6 @@ def ref_prediction(student_logits, teacher_logits) -> float:
                 g_t = sum(q_t[i][x] * q_t[j][x] for x in range(2))
                 total += (g_s - g_t) ** 2
     return total / (num_diseases * n_images**2)
-
-
-def ref_diversity(prototypes, proto_class, margin: float) -> float:
-    """Every unordered pair of prototypes of one class: max(0, margin - squared distance), averaged."""
-    hinges = []
-    for i in range(len(prototypes)):
-        for j in range(i + 1, len(prototypes)):
-            if proto_class[i] == proto_class[j]:
-                squared = sum((a - b) ** 2 for a, b in zip(prototypes[i], prototypes[j]))
-                hinges.append(max(0.0, margin - squared))
-    return sum(hinges) / len(hinges) if hinges else 0.0
 
 
 def scalar(value: float, dtype=torch.float64) -> torch.Tensor:
@@ -522,40 +510,6 @@ def test_prediction_loss_extreme_logits_finite():
     assert_close(loss, scalar(expected, torch.float32))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("margin", [0.3, 1.0, 5.0])
-def test_diversity_loss_matches_reference_any_prototype_order(generator, dtype, margin):
-    prototypes = torch.rand(P, 4, generator=generator, dtype=torch.float64).to(dtype) * 0.8
-    proto_class = standard_prototype_class()[torch.randperm(P, generator=generator)]
-    expected = ref_diversity(prototypes.double().tolist(), proto_class.tolist(), margin)
-    assert_close(prototype_diversity_loss(prototypes, proto_class, margin), scalar(expected, dtype))
-
-
-def test_diversity_loss_ignores_other_classes_and_far_pairs():
-    # Class 0: two prototypes 0.25 apart (squared); class 1: two 4 apart; the two classes coincide.
-    prototypes = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
-    proto_class = torch.tensor([0, 0, 1, 1])
-    # Pairs (0, 1) and (2, 3): hinge 1 - 0.25 and 0; prototypes 0 and 2 coincide but differ in class.
-    assert_close(prototype_diversity_loss(prototypes, proto_class, 1.0), scalar(0.75 / 2))
-    assert_close(prototype_diversity_loss(prototypes, proto_class, 0.2), scalar(0.0))
-
-
-def test_diversity_loss_gradient_pushes_close_pair_apart():
-    prototypes = torch.tensor([[0.4, 0.5], [0.6, 0.5], [0.9, 0.9]], dtype=torch.float64, requires_grad=True)
-    loss = prototype_diversity_loss(prototypes, torch.tensor([0, 0, 1]), 1.0)
-    loss.backward()
-    # A gradient step moves prototype 0 left and prototype 1 right; the lone prototype is untouched.
-    assert prototypes.grad[0, 0] > 0 and prototypes.grad[1, 0] < 0
-    assert_close(prototypes.grad[2], torch.zeros(2, dtype=torch.float64))
-
-
-def test_diversity_loss_without_same_class_pairs_is_zero_not_nan():
-    prototypes = torch.rand(3, 4, dtype=torch.float64)
-    assert_close(prototype_diversity_loss(prototypes, torch.tensor([0, 1, 2]), 1.0), scalar(0.0))
-    with pytest.raises(ValueError):
-        prototype_diversity_loss(prototypes, torch.tensor([0, 1]), 1.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # LossWeights / combine_losses
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +520,6 @@ def test_loss_weights_paper_defaults():
     assert (weights.classification, weights.cluster, weights.separation) == (1.0, 0.02, 0.02)
     assert weights.separation_margin == 2.0
     assert (weights.cross_image, weights.interpretation, weights.prediction) == (0.5, 0.5, 10.0)
-    assert weights.diversity == 0.0  # not in the paper: off unless asked for
 
 
 def test_combine_losses_weights_every_term():
@@ -577,14 +530,13 @@ def test_combine_losses_weights_every_term():
         "cross_image": 0.75,
         "interpretation": 3.0,
         "prediction": 0.125,
-        "diversity": 0.5,
     }
     terms = {name: scalar(value) for name, value in values.items()}
     weights = LossWeights(
         classification=2.0, cluster=0.5, separation=4.0, cross_image=3.0, interpretation=0.1,
-        prediction=8.0, diversity=0.75,
+        prediction=8.0,
     )
-    expected = 2.0 * 1.5 + 0.5 * 2.0 + 4.0 * 0.25 + 3.0 * 0.75 + 0.1 * 3.0 + 8.0 * 0.125 + 0.75 * 0.5
+    expected = 2.0 * 1.5 + 0.5 * 2.0 + 4.0 * 0.25 + 3.0 * 0.75 + 0.1 * 3.0 + 8.0 * 0.125
     assert_close(combine_losses(terms, weights), scalar(expected))
 
 

@@ -74,18 +74,6 @@ def test_full_run_writes_the_output_contract(config_factory):
     assert (best["model"]["prototype_source_index"] >= 0).all()
 
 
-def test_optional_diversity_term_trains_the_prototypes_only_when_switched_on(config_factory):
-    def diversity_column(run_dir):
-        with (run_dir / "metrics.csv").open() as stream:
-            return {row["stage"]: row["diversity"] for row in csv.DictReader(stream)}
-
-    paper = diversity_column(main.train(config_factory("paper"), progress=False))
-    assert set(paper.values()) == {""}  # off by default: the paper's loss, nothing logged
-    on = diversity_column(main.train(config_factory("on", weight_diversity=0.5, diversity_margin=50.0), progress=False))
-    # The prototypes train in warm-up and paired stages; in last-layer stages they are frozen.
-    assert float(on["warmup"]) > 0 and float(on["paired"]) > 0 and on["last_layer"] == ""
-
-
 def test_same_seed_same_weights_and_resume_is_exact(config_factory):
     straight = main.train(config_factory("straight"), progress=False)
     interrupted_config = config_factory("interrupted", max_stages=3)

@@ -101,17 +101,7 @@ def loss_weights(config) -> losses.LossWeights:
         cross_image=config.weight_cross_image,
         interpretation=config.weight_interpretation,
         prediction=config.weight_prediction,
-        diversity=config.weight_diversity,
     )
-
-
-def add_diversity_term(terms: dict, model, config) -> dict:
-    """Adds the optional prototype-diversity hinge to ``terms`` when --weight-diversity is above 0
-    (never in the paper presets); ``model`` is the CIPL network itself, not a DDP wrapper."""
-    if config.weight_diversity > 0:
-        terms["diversity"] = losses.prototype_diversity_loss(model.prototypes, model.prototype_class,
-                                                             config.diversity_margin)
-    return terms
 
 
 def prototype_terms(prototype_class, output, targets, margin: float) -> dict:
@@ -326,8 +316,6 @@ class Trainer:
                     views, views_prime = self._to_device(views), self._to_device(views_prime)
                     targets = targets.to(self.device, non_blocking=True)
                     terms = paired_terms(network, self.teacher, views, views_prime, targets, self.config, prototype_class)
-                if stage.kind != "last_layer":  # the prototypes are frozen there
-                    add_diversity_term(terms, self.model, self.config)
                 loss = losses.combine_losses(terms, self.weights)
             values = torch.stack([terms[name].detach().double().cpu() if name in terms else torch.zeros((), dtype=torch.float64)
                                   for name in LOSS_TERMS] + [loss.detach().double().cpu()])

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from datasets import EvalTransform, TransformedDataset, build_datasets
 from model import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.projection import push_prototypes
+from utils.projection import push_prototypes, warn_about_unused
 
 
 def spread_model(config):
@@ -90,6 +90,38 @@ def test_push_follows_the_nonrepetitive_rule_exactly(tiny_setup):
         # ... and the recorded distance is the minimum distance that chose it.
         assert model.prototype_source_distance[j].item() == pytest.approx(distance, rel=1e-4, abs=1e-6)
         assert records[j]["image_id"] == splits.train.image_ids[image] and records[j]["location"] == [row, col]
+    # How many images of its class each prototype was the nearest of the class's prototypes to, before the push.
+    nearest = np.zeros(len(before), dtype=int)
+    classes = model.prototype_class.tolist()
+    for image in range(features.shape[0]):
+        for c in np.flatnonzero(splits.train.targets[image] > 0):
+            own = [j for j in range(len(before)) if classes[j] == c]
+            gaps = [float(((features[image].double() - before[j].double()[:, None, None]) ** 2).sum(0).min()) for j in own]
+            nearest[own[int(np.argmin(gaps))]] += 1
+    assert [record["nearest_before_push"] for record in records] == nearest.tolist()
+
+
+def test_push_warns_when_most_of_a_class_learnt_no_patch(caplog):
+    config = tiny_config(image_size=64, prototypes_per_class=4)
+    dataset = TransformedDataset(build_datasets(config).train, EvalTransform(config.image_size))
+    model = spread_model(config)
+    far = torch.arange(model.num_prototypes) % 4 >= 1  # three of every class's four: far from every patch
+    with torch.no_grad():
+        model.prototypes[far] += 100.0
+    with caplog.at_level("WARNING", logger="utils.projection"):
+        records = push_prototypes(model, dataset, "cpu", batch_size=16, progress=False)
+    assert [record["nearest_before_push"] == 0 for record in records] == far.tolist()
+    assert "learnt no training patch" in caplog.text and "Atelectasis 3 of 4" in caplog.text
+
+
+def test_unused_prototype_warning_needs_most_of_a_class(caplog):
+    classes, names = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), ["Mass", "No Finding"]
+    with caplog.at_level("WARNING", logger="utils.projection"):
+        warn_about_unused(torch.tensor([5, 0, 3, 0, 9, 1, 1, 1]), classes, names)  # 2 of 4: half, not most
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="utils.projection"):
+        warn_about_unused(torch.tensor([5, 0, 3, 0, 9, 0, 0, 0]), classes, names)
+    assert "(No Finding 3 of 4)" in caplog.text and "Mass" not in caplog.text
 
 
 def run_push(argv, capsys=None):

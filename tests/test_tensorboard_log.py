@@ -80,6 +80,7 @@ def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(confi
         | {"val/mean_auc"} | {f"val/auc/{name}" for name in DISEASES}
         | {"push/pushed_prototypes", "push/distinct_source_images", "push/reused_images"}
         | {f"push/distinct_source_images/{name}" for name in CLASSES} | {f"push/mean_distance/{name}" for name in CLASSES}
+        | {f"push/unused_before_push/{name}" for name in CLASSES}
         | {"test/mean_auc"} | {f"test/auc/{name}" for name in DISEASES}
         | {"test_decorrelated/mean_auc"} | {f"test_decorrelated/auc/{name}" for name in DISEASES}
         | {f"{split}/localisation/{method}/{key}" for split in ("test", "test_decorrelated")

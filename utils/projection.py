@@ -5,7 +5,11 @@ Two passes over the push set (training images, deterministic resize):
 1. *scan*: one batched inference pass. For every prototype we keep only its ``k`` nearest candidate
    images of its own class (distance, image, location), merged batch by batch with a stable sort,
    so memory is O(P x k) whatever the dataset size. ``k = P`` is always enough: prototype j can lose
-   at most j candidates to earlier prototypes under the non-repetitive rule.
+   at most j candidates to earlier prototypes under the non-repetitive rule. The same pass counts,
+   per prototype, the images of its class to which it is the nearest of the class's prototypes: a
+   prototype that is nearest to none has learnt no patch of the training set (L_clst pulls only the
+   nearest prototype of each image's classes), and the push places it on whichever patch happens to
+   lie nearest. The push warns when most of a class's prototypes are such.
 2. *select*: prototypes in index order take their nearest candidate whose image no earlier
    prototype took (global across classes); then the features of the chosen images (at most P of
    them) are recomputed and copied into the prototypes.
@@ -34,6 +38,7 @@ class PushCandidates:
     distances: Tensor  # float, inf where there is no candidate
     image_indices: Tensor  # long, dataset index, -1 where none
     locations: Tensor  # long, flat feature-map position h * W + w
+    nearest_counts: Tensor  # long [P]: images of its class to which the prototype is the class's nearest
 
 
 def empty_candidates(num_prototypes: int, k: int) -> PushCandidates:
@@ -41,6 +46,7 @@ def empty_candidates(num_prototypes: int, k: int) -> PushCandidates:
         distances=torch.full((num_prototypes, k), float("inf")),
         image_indices=torch.full((num_prototypes, k), -1, dtype=torch.long),
         locations=torch.zeros((num_prototypes, k), dtype=torch.long),
+        nearest_counts=torch.zeros(num_prototypes, dtype=torch.long),
     )
 
 
@@ -55,7 +61,8 @@ def merge_candidates(current: PushCandidates, new: PushCandidates, k: int) -> Pu
     by_image = torch.sort(torch.where(missing, torch.iinfo(torch.long).max, image_indices), dim=1, stable=True).indices
     distances, image_indices, locations = (t.gather(1, by_image) for t in (distances, image_indices, locations))
     order = torch.sort(distances, dim=1, stable=True).indices[:, :k]
-    return PushCandidates(distances.gather(1, order), image_indices.gather(1, order), locations.gather(1, order))
+    return PushCandidates(distances.gather(1, order), image_indices.gather(1, order), locations.gather(1, order),
+                          current.nearest_counts + new.nearest_counts)
 
 
 @torch.no_grad()
@@ -67,7 +74,14 @@ def batch_candidates(model, images: Tensor, targets: Tensor, indices: Tensor) ->
     eligible = targets.to(distances.device)[:, model.prototype_class] > 0  # [n, P]
     distances = torch.where(eligible, distances, torch.full_like(distances, float("inf")))
     image_indices = torch.where(eligible, indices.to(distances.device).unsqueeze(1), -1)
-    return PushCandidates(distances.T.cpu(), image_indices.T.cpu(), locations.T.cpu())
+    # Per image and class, the smallest distance over the class's prototypes; a prototype at it is
+    # the nearest of its class for that image (ties count for each of them).
+    prototype_class = model.prototype_class.to(distances.device)
+    class_minimum = torch.full((distances.shape[0], int(prototype_class.max()) + 1), float("inf"),
+                               dtype=distances.dtype, device=distances.device)
+    class_minimum = class_minimum.scatter_reduce(1, prototype_class.expand_as(distances), distances, "amin")
+    nearest = eligible & (distances == class_minimum[:, prototype_class])
+    return PushCandidates(distances.T.cpu(), image_indices.T.cpu(), locations.T.cpu(), nearest.sum(dim=0).cpu())
 
 
 def scan_push_set(model, loader: DataLoader, device, k: int, progress: bool = True) -> PushCandidates:
@@ -133,6 +147,7 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
         for share in shares:
             candidates = merge_candidates(candidates, share, k)
     chosen, flat_location, distance, reused = select_nonrepetitive(candidates, len(push_dataset))
+    warn_about_unused(candidates.nearest_counts, model.prototype_class, model.class_names)
 
     pushed = np.flatnonzero(chosen >= 0)
     for prototype in np.flatnonzero(chosen < 0):
@@ -159,11 +174,25 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
     model.train(was_training)
     logger.info("push: %d of %d prototypes grounded on %d distinct training images",
                 len(pushed), model.num_prototypes, len(unique_images))
-    return provenance_records(model, image_ids, reused)
+    return provenance_records(model, image_ids, reused, candidates.nearest_counts)
 
 
-def provenance_records(model, image_ids: list[str] | None, reused=None) -> list[dict]:
-    """The checkpoint's human-readable prototype provenance."""
+def warn_about_unused(nearest_counts: Tensor, prototype_class: Tensor, class_names: list[str]) -> None:
+    """One warning naming every class most of whose prototypes were nearest to none of its images."""
+    classes = prototype_class.cpu()
+    total = torch.bincount(classes, minlength=len(class_names))
+    unused = torch.bincount(classes, weights=(nearest_counts == 0).double(), minlength=len(class_names)).long()
+    flagged = [f"{class_names[c]} {int(unused[c])} of {int(total[c])}" for c in range(len(class_names)) if 2 * unused[c] > total[c]]
+    if flagged:
+        logger.warning("before this push, most prototypes of %d class(es) were the nearest of their class to none of "
+                       "its training images (%s): they had learnt no training patch, and the push places them on "
+                       "whichever patch lies nearest (README, 'Prototype quality')", len(flagged), ", ".join(flagged))
+
+
+def provenance_records(model, image_ids: list[str] | None, reused=None, nearest_counts=None) -> list[dict]:
+    """The checkpoint's human-readable prototype provenance; with ``nearest_counts`` (from a push) each
+    record also says to how many training images of its class the prototype was the class's nearest
+    just before the push."""
     records = []
     source = model.prototype_source_index.tolist()
     location = model.prototype_source_location.tolist()
@@ -180,4 +209,6 @@ def provenance_records(model, image_ids: list[str] | None, reused=None) -> list[
             distance=distance[prototype],
             reused_image=bool(reused[prototype]) if reused is not None else False,
         ))
+        if nearest_counts is not None:
+            records[-1]["nearest_before_push"] = int(nearest_counts[prototype])
     return records

@@ -144,8 +144,10 @@ def push_summary(provenance: Sequence[dict], class_names: Sequence[str]) -> dict
     pushed_prototypes: prototypes grounded on a training image; distinct_source_images: how many
     different images they came from (the non-repetitive rule makes this equal to the pushed count
     unless a class had too few images); reused_images: prototypes that had to take an image already
-    used; per class, ``distinct_source_images/<class>`` and ``mean_distance/<class>`` (mean squared
-    distance between a prototype and the patch it was copied from, before the copy).
+    used; per class, ``distinct_source_images/<class>``, ``mean_distance/<class>`` (mean squared
+    distance between a prototype and the patch it was copied from, before the copy) and, for a push
+    that recorded it, ``unused_before_push/<class>`` (share of the class's prototypes that were the
+    nearest of the class to none of its training images: they had learnt no patch).
     """
     pushed = [record for record in provenance if _is_pushed(record)]
     summary: dict[str, float] = dict(
@@ -158,10 +160,16 @@ def push_summary(provenance: Sequence[dict], class_names: Sequence[str]) -> dict
     for record in pushed:
         images[record["class_name"]].add(record["image_index"])
         distances[record["class_name"]].append(float(record["distance"]))
+    unused: dict[str, list[bool]] = defaultdict(list)
+    for record in provenance:
+        if "nearest_before_push" in record:
+            unused[record["class_name"]].append(record["nearest_before_push"] == 0)
     for name in class_names:
         summary[f"distinct_source_images/{name}"] = float(len(images[name]))
         if distances[name]:
             summary[f"mean_distance/{name}"] = float(np.mean(distances[name]))
+        if unused[name]:
+            summary[f"unused_before_push/{name}"] = float(np.mean(unused[name]))
     return summary
 
 

@@ -111,7 +111,7 @@ def test_push_warns_when_most_of_a_class_learnt_no_patch(caplog):
     with caplog.at_level("WARNING", logger="utils.projection"):
         records = push_prototypes(model, dataset, "cpu", batch_size=16, progress=False)
     assert [record["nearest_before_push"] == 0 for record in records] == far.tolist()
-    assert "learnt no training patch" in caplog.text and "Atelectasis 3 of 4" in caplog.text
+    assert "never pulled them onto a training patch" in caplog.text and "Atelectasis 3 of 4" in caplog.text
 
 
 def test_unused_prototype_warning_needs_most_of_a_class(caplog):

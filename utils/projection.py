@@ -6,10 +6,11 @@ Two passes over the push set (training images, deterministic resize):
    images of its own class (distance, image, location), merged batch by batch with a stable sort,
    so memory is O(P x k) whatever the dataset size. ``k = P`` is always enough: prototype j can lose
    at most j candidates to earlier prototypes under the non-repetitive rule. The same pass counts,
-   per prototype, the images of its class to which it is the nearest of the class's prototypes: a
-   prototype that is nearest to none has learnt no patch of the training set (L_clst pulls only the
-   nearest prototype of each image's classes), and the push places it on whichever patch happens to
-   lie nearest. The push warns when most of a class's prototypes are such.
+   per prototype, the images of its class to which it is the nearest of the class's prototypes. One
+   that is nearest to none was never pulled onto a training patch (L_clst pulls only the nearest
+   prototype of each image's classes; L_cls moves it only through its far-off similarity), and the
+   push puts it on whichever patch happens to lie nearest. The push warns when most of a class's
+   prototypes are such.
 2. *select*: prototypes in index order take their nearest candidate whose image no earlier
    prototype took (global across classes); then the features of the chosen images (at most P of
    them) are recomputed and copied into the prototypes.
@@ -185,8 +186,8 @@ def warn_about_unused(nearest_counts: Tensor, prototype_class: Tensor, class_nam
     flagged = [f"{class_names[c]} {int(unused[c])} of {int(total[c])}" for c in range(len(class_names)) if 2 * unused[c] > total[c]]
     if flagged:
         logger.warning("before this push, most prototypes of %d class(es) were the nearest of their class to none of "
-                       "its training images (%s): they had learnt no training patch, and the push places them on "
-                       "whichever patch lies nearest (README, 'Prototype quality')", len(flagged), ", ".join(flagged))
+                       "its training images (%s): L_clst never pulled them onto a training patch, and the push puts "
+                       "them on whichever patch lies nearest (README, 'Prototype quality')", len(flagged), ", ".join(flagged))
 
 
 def provenance_records(model, image_ids: list[str] | None, reused=None, nearest_counts=None) -> list[dict]:

@@ -112,8 +112,12 @@ def run(args: argparse.Namespace) -> Path:
 
     if args.visualise_only:
         check_provenance(state, train.image_ids)
-        reused = [bool(record.get("reused_image", False)) for record in state.get("prototype_provenance") or []]
-        records = provenance_records(model, train.image_ids, reused if len(reused) == model.num_prototypes else None)
+        provenance = state.get("prototype_provenance") or []
+        complete = len(provenance) == model.num_prototypes
+        reused = [bool(record.get("reused_image", False)) for record in provenance]
+        nearest = [record.get("nearest_before_push") for record in provenance]
+        records = provenance_records(model, train.image_ids, reused if complete else None,
+                                     nearest if complete and None not in nearest else None)
         target = None
     else:
         if model.is_pushed:

@@ -111,7 +111,7 @@ def test_push_warns_when_most_of_a_class_learnt_no_patch(caplog):
     with caplog.at_level("WARNING", logger="utils.projection"):
         records = push_prototypes(model, dataset, "cpu", batch_size=16, progress=False)
     assert [record["nearest_before_push"] == 0 for record in records] == far.tolist()
-    assert "never pulled them onto a training patch" in caplog.text and "Atelectasis 3 of 4" in caplog.text
+    assert "is not pulling them onto a training patch" in caplog.text and "Atelectasis 3 of 4" in caplog.text
 
 
 def test_unused_prototype_warning_needs_most_of_a_class(caplog):
@@ -168,6 +168,8 @@ def test_push_script_writes_gallery_json_and_a_new_checkpoint(tmp_path, tiny_set
     again = json.loads((tmp_path / "view" / "prototypes.json").read_text())["prototypes"]
     assert [e["image_id"] for e in again] == [e["image_id"] for e in entries]
     assert [e["box"] for e in again] == [e["box"] for e in entries]
+    # ... and keeps the push's count of how many images each prototype was the nearest to.
+    assert [e["nearest_before_push"] for e in again] == [r["nearest_before_push"] for r in pushed["prototype_provenance"]]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "best_pushed.pt"]
 
 

@@ -45,6 +45,19 @@ def test_push_summary_from_provenance_records():
     }
 
 
+def test_push_summary_reports_the_unused_share_where_the_push_counted_it():
+    records = [
+        dict(prototype=j, class_index=j // 4, class_name="AB"[j // 4], image_index=j, distance=0.1, reused_image=False,
+             nearest_before_push=count)
+        for j, count in enumerate([0, 0, 0, 9, 5, 0, 2, 1])
+    ]
+    summary = push_summary(records, ["A", "B"])
+    assert summary["unused_before_push/A"] == 0.75 and summary["unused_before_push/B"] == 0.25
+    for record in records:
+        del record["nearest_before_push"]  # a checkpoint from before the count: no such figure
+    assert not any(key.startswith("unused_before_push/") for key in push_summary(records, ["A", "B"]))
+
+
 def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(config_factory):
     config = config_factory(tensorboard=True, log_every=3)
     # Stages of the tiny schedule and their optimizer steps (16 anchors; warm-up 8 images per step,

@@ -7,10 +7,10 @@ Two passes over the push set (training images, deterministic resize):
    so memory is O(P x k) whatever the dataset size. ``k = P`` is always enough: prototype j can lose
    at most j candidates to earlier prototypes under the non-repetitive rule. The same pass counts,
    per prototype, the images of its class to which it is the nearest of the class's prototypes. One
-   that is nearest to none was never pulled onto a training patch (L_clst pulls only the nearest
-   prototype of each image's classes; L_cls moves it only through its far-off similarity), and the
-   push puts it on whichever patch happens to lie nearest. The push warns when most of a class's
-   prototypes are such.
+   that is nearest to none at the push is not being pulled onto a training patch (L_clst pulls only
+   the nearest prototype of each image's classes; L_cls moves it only through its far-off
+   similarity), and the push puts it on whichever patch happens to lie nearest. The push warns when
+   most of a class's prototypes are such.
 2. *select*: prototypes in index order take their nearest candidate whose image no earlier
    prototype took (global across classes); then the features of the chosen images (at most P of
    them) are recomputed and copied into the prototypes.
@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from losses import class_min_distances
 from model import squared_distances
 from utils.distributed import all_gather_objects, broadcast_tensor, current_context, shard_indices
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PushCandidates:
-    """Per prototype, its nearest candidates sorted by distance: all [P, k]."""
+    """Per prototype, its nearest candidates sorted by distance ([P, k]) and its nearest count ([P])."""
 
     distances: Tensor  # float, inf where there is no candidate
     image_indices: Tensor  # long, dataset index, -1 where none
@@ -69,7 +70,8 @@ def merge_candidates(current: PushCandidates, new: PushCandidates, k: int) -> Pu
 @torch.no_grad()
 def batch_candidates(model, images: Tensor, targets: Tensor, indices: Tensor) -> PushCandidates:
     """Every (prototype, image) pair of this batch as a candidate: [P, n], inf where the image
-    does not carry the prototype's class."""
+    does not carry the prototype's class; and per prototype, the images of the batch with its class
+    to which it is the nearest of the class's prototypes."""
     distance_maps = squared_distances(model.extract_features(images), model.prototypes).flatten(2)  # [n, P, HW]
     distances, locations = distance_maps.min(dim=2)  # [n, P] each
     eligible = targets.to(distances.device)[:, model.prototype_class] > 0  # [n, P]
@@ -77,11 +79,8 @@ def batch_candidates(model, images: Tensor, targets: Tensor, indices: Tensor) ->
     image_indices = torch.where(eligible, indices.to(distances.device).unsqueeze(1), -1)
     # Per image and class, the smallest distance over the class's prototypes; a prototype at it is
     # the nearest of its class for that image (ties count for each of them).
-    prototype_class = model.prototype_class.to(distances.device)
-    class_minimum = torch.full((distances.shape[0], int(prototype_class.max()) + 1), float("inf"),
-                               dtype=distances.dtype, device=distances.device)
-    class_minimum = class_minimum.scatter_reduce(1, prototype_class.expand_as(distances), distances, "amin")
-    nearest = eligible & (distances == class_minimum[:, prototype_class])
+    class_minimum = class_min_distances(distances, model.prototype_class, model.num_classes)  # [n, K]
+    nearest = eligible & (distances == class_minimum[:, model.prototype_class.to(distances.device)])
     return PushCandidates(distances.T.cpu(), image_indices.T.cpu(), locations.T.cpu(), nearest.sum(dim=0).cpu())
 
 
@@ -148,7 +147,8 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
         for share in shares:
             candidates = merge_candidates(candidates, share, k)
     chosen, flat_location, distance, reused = select_nonrepetitive(candidates, len(push_dataset))
-    warn_about_unused(candidates.nearest_counts, model.prototype_class, model.class_names)
+    if current_context().is_main:
+        warn_about_unused(candidates.nearest_counts, model.prototype_class, model.class_names)
 
     pushed = np.flatnonzero(chosen >= 0)
     for prototype in np.flatnonzero(chosen < 0):
@@ -186,8 +186,9 @@ def warn_about_unused(nearest_counts: Tensor, prototype_class: Tensor, class_nam
     flagged = [f"{class_names[c]} {int(unused[c])} of {int(total[c])}" for c in range(len(class_names)) if 2 * unused[c] > total[c]]
     if flagged:
         logger.warning("before this push, most prototypes of %d class(es) were the nearest of their class to none of "
-                       "its training images (%s): L_clst never pulled them onto a training patch, and the push puts "
-                       "them on whichever patch lies nearest (README, 'Prototype quality')", len(flagged), ", ".join(flagged))
+                       "its training images (%s): L_clst is not pulling them onto a training patch, and the push "
+                       "puts them on whichever patch lies nearest (README, 'Prototype quality')", len(flagged),
+                       ", ".join(flagged))
 
 
 def provenance_records(model, image_ids: list[str] | None, reused=None, nearest_counts=None) -> list[dict]:

@@ -147,7 +147,7 @@ def push_summary(provenance: Sequence[dict], class_names: Sequence[str]) -> dict
     used; per class, ``distinct_source_images/<class>``, ``mean_distance/<class>`` (mean squared
     distance between a prototype and the patch it was copied from, before the copy) and, for a push
     that recorded it, ``unused_before_push/<class>`` (share of the class's prototypes that were the
-    nearest of the class to none of its training images: never pulled onto a patch).
+    nearest of the class to none of its training images at the push: L_clst was not pulling them).
     """
     pushed = [record for record in provenance if _is_pushed(record)]
     summary: dict[str, float] = dict(

@@ -9,12 +9,14 @@ split rebuilt from the checkpoint's own configuration. The pushed model is saved
 receives, all at once when everything has been drawn:
 
     prototypes.json                      per prototype: class, source image, feature-map location,
-                                         image-space high-activation box, distance and similarity;
+                                         image-space high-activation box, distance and similarity,
+                                         the source image's ground-truth boxes of the class (if any);
                                          "quality": the prototype-quality section of results.json
                                          (diversity, grounding, selectivity on the test split)
     gallery/<class>.png                  one grid per class: source image with overlay | patch
     prototypes/p<j>-<class>-source.png   source image, 0.7 image + 0.3 jet similarity overlay,
-                                         white 0.65 contour, yellow high-activation box
+                                         white 0.65 contour, yellow high-activation box, magenta
+                                         ground-truth boxes of the prototype's class
     prototypes/p<j>-<class>-patch.png    the high-activation patch (95th percentile, component of the max)
 """
 from __future__ import annotations
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> Path:
     with staged_output(out, MARKER) as staging:
         (staging / "prototypes").mkdir()
         (staging / "gallery").mkdir()
-        entries = {record["prototype"]: dict(record, location=list(record["location"]), box=None,
+        entries = {record["prototype"]: dict(record, location=list(record["location"]), box=None, truth_boxes=None,
                                              source_image_size=None, similarity=None, files=None) for record in records}
         gallery: dict[int, list[GalleryEntry]] = {c: [] for c in range(model.num_classes)}
         views = iter_prototype_views(model, train, config.image_size, batch_size=min(batch_size, 16))
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> Path:
             x, y, w, h = view.box
             entries[view.prototype].update(
                 box=dict(x=x, y=y, w=w, h=h),
+                truth_boxes=[dict(x=tx, y=ty, w=tw, h=th) for tx, ty, tw, th in view.truth_boxes],
                 source_image_size=list(view.image.shape[:2]),
                 similarity=view.similarity,
                 files=dict(source=f"prototypes/{stem}-source.png", patch=f"prototypes/{stem}-patch.png"),
@@ -165,7 +168,8 @@ def run(args: argparse.Namespace) -> Path:
             prototype_dim=model.prototype_dim,
             quality=_json_numbers(quality),
             box="high-activation box (x, y, w, h) in source-image pixels: 95th percentile of the upsampled "
-                "similarity map, connected component holding its maximum",
+                "similarity map, connected component holding its maximum; truth_boxes: the source image's "
+                "ground-truth boxes of the prototype's class, same frame (empty where the training split has none)",
             prototypes=_json_numbers([entries[j] for j in sorted(entries)]),
         ))
         if target is not None:

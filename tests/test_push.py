@@ -2,6 +2,7 @@
 import hashlib
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from datasets import EvalTransform, TransformedDataset, build_datasets
 from model import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.projection import push_prototypes, warn_about_unused
+from utils.visualise import TRUTH_COLOUR
 
 
 def spread_model(config):
@@ -157,6 +159,18 @@ def test_push_script_writes_gallery_json_and_a_new_checkpoint(tmp_path, tiny_set
         assert box["x"] <= (col + 0.5) * cell <= box["x"] + box["w"]
         assert box["y"] <= (row + 0.5) * cell <= box["y"] + box["h"]
         assert 0 < box["w"] * box["h"] < config.image_size ** 2
+    # Each picture carries its source image's ground-truth boxes of the prototype's class, and only those.
+    train = tiny_setup[1].train
+    with_truth = 0
+    for entry in entries:
+        index = train.image_ids.index(entry["image_id"])
+        own = [float(v) for box in train.boxes.get(index, []) if box[0] == entry["class_index"] for v in box[1:]]
+        assert [b[key] for b in entry["truth_boxes"] for key in "xywh"] == pytest.approx(own)
+        picture = cv2.imread(str(out / entry["files"]["source"]))[..., ::-1]  # RGB
+        magenta = (picture == np.array(TRUTH_COLOUR, np.uint8)).all(-1).any()
+        assert magenta == bool(own), entry["prototype"]
+        with_truth += bool(own)
+    assert with_truth >= 3, "too few prototypes on an image with a box of their class to test the boxes"
     galleries = sorted(p.name for p in (out / "gallery").iterdir())
     assert galleries == sorted(f"{push.slug(name)}.png" for name in model.class_names)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"

@@ -234,6 +234,10 @@ class PrototypeView:
     image: np.ndarray  # the source image, as load_image returns it
     map: np.ndarray  # normalised similarity map at the image's resolution
     box: tuple[float, float, float, float]  # high-activation box (x, y, w, h), image pixels
+    # The source image's ground-truth boxes of the prototype's own class (x, y, w, h), image pixels;
+    # empty where the training split has none. Drawn in magenta: a grounded prototype's yellow box
+    # lies mostly inside one of them.
+    truth_boxes: tuple[tuple[float, float, float, float], ...] = ()
 
     @property
     def patch(self) -> np.ndarray:
@@ -241,7 +245,7 @@ class PrototypeView:
 
     @property
     def picture(self) -> np.ndarray:
-        return annotate(self.image, self.map, self.box)
+        return annotate(self.image, self.map, self.box, self.truth_boxes)
 
 
 @dataclass
@@ -256,11 +260,12 @@ class GalleryEntry:
     similarity: float
     picture: np.ndarray
     patch: np.ndarray
+    truth_boxes: tuple = ()  # as PrototypeView.truth_boxes (already drawn into the picture)
 
     @classmethod
     def of(cls, view: PrototypeView, max_side: int = 320) -> "GalleryEntry":
         return cls(view.prototype, view.class_index, view.image_id, view.location, view.distance, view.similarity,
-                   shrink(view.picture, max_side), shrink(view.patch, max_side))
+                   shrink(view.picture, max_side), shrink(view.patch, max_side), view.truth_boxes)
 
 
 def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -300,6 +305,7 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
     model.eval()
     location = model.prototype_source_location.cpu().numpy()
     distance = model.prototype_source_distance.cpu().numpy()
+    boxes_of = getattr(dataset, "boxes", None) or {}
     dim = model.prototype_dim
     order = list(prototypes)
     try:
@@ -329,6 +335,8 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
                     image=raw[inverse[slot]],
                     map=maps[slot],
                     box=tuple(float(v) for v in boxes[slot]),
+                    truth_boxes=tuple(tuple(float(v) for v in truth[1:]) for truth in boxes_of.get(image_index, ())
+                                      if int(truth[0]) == class_index),
                 )
     finally:
         model.train(was_training)
@@ -361,8 +369,9 @@ def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry
     width = max(4.2 * columns, 10.0)
     figure = _new_figure(width, 2.8 * rows + 1.0)
     figure.suptitle(f"{class_name}: {len(views)} prototypes", fontsize=15, fontweight="bold", y=1 - 0.25 / (2.8 * rows + 1.0))
+    truth = "; magenta: ground-truth box of the class" if any(view.truth_boxes for view in views) else ""
     figure.text(0.5, 1 - 0.7 / (2.8 * rows + 1.0), "each prototype: source training image (0.7 image + 0.3 jet similarity; "
-                "white: 0.65 contour; yellow: high-activation box) | its patch", ha="center", fontsize=10)
+                f"white: 0.65 contour; yellow: high-activation box{truth}) | its patch", ha="center", fontsize=10)
     side = 4.2 * columns / width
     grid = figure.add_gridspec(rows, 2 * columns, left=0.02, right=0.02 + 0.96 * side, bottom=0.03,
                                top=1 - 1.0 / (2.8 * rows + 1.0), wspace=0.08, hspace=0.45)

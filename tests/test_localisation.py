@@ -84,6 +84,29 @@ def test_case_scores_take_the_best_of_several_boxes_and_summaries_average_classe
     assert summary["mean"]["classes"] == 2 and summary["mean"]["cases"] == 4
 
 
+def test_peak_offset_is_measured_from_the_nearest_box_centre():
+    boxes = np.zeros((4, 4))
+    # Case 0: two boxes, centres (y, x) = (15, 15) and (45, 65); the peak (40, 60) is nearer the second.
+    # Case 1: peak 8 px above and 4 px right of its box's centre (20, 30). Case 2: a flat map (no peak).
+    # Case 3 (class B): integer peak (pixel index), read at the pixel's centre like the pointing game.
+    truth = np.array([[10, 10, 10, 10], [60, 40, 10, 10], [25, 10, 10, 20], [0, 0, 8, 8], [0, 0, 4, 4]], dtype=float)
+    case_of_truth = np.array([0, 0, 1, 2, 3])
+    points = np.array([[40.0, 60.0], [12.0, 34.0], [np.nan, np.nan], [5.0, 1.0]])
+    scores = loc.score_cases(boxes, points, truth, case_of_truth)
+    np.testing.assert_allclose(scores.offset, [[-5, -5], [-8, 4], [np.nan, np.nan], [3, -1]])
+    integer = loc.score_cases(boxes[3:], np.array([[2, 0]]), truth[4:], np.array([0]))
+    np.testing.assert_allclose(integer.offset, [[0.5, -1.5]])  # pixel (2, 0) -> (2.5, 0.5); centre (2, 2)
+
+    summary = loc.summarise(scores, np.array([0, 0, 0, 1]), ["A", "B", "No Finding"])
+    a, b = summary["per_class"]["A"], summary["per_class"]["B"]
+    # Medians over the cases that have a peak: the flat map counts for the pointing game, not here.
+    assert (a["peak_offset_y"], a["peak_offset_x"]) == (pytest.approx(-6.5), pytest.approx(-0.5))
+    assert (b["peak_offset_y"], b["peak_offset_x"]) == (pytest.approx(3.0), pytest.approx(-1.0))
+    assert summary["mean"]["peak_offset_y"] == pytest.approx((-6.5 + 3.0) / 2)
+    table = loc.format_table(dict(threshold=0.5, cases=4, boxed_images=3, methods={"cipl": summary}))
+    assert "peak dy" in table and "-6.5" in table and "+3.0" in table
+
+
 # -- maps from the model ---------------------------------------------------------------------------
 def test_class_evidence_is_the_last_layer_weighted_sum_of_prototype_maps():
     torch.manual_seed(0)

@@ -57,6 +57,11 @@ GRADCAM_LAYERS = ("backbone", "add_on")
 SCORE_KEYS = (
     [f"iou_{t}" for t in THRESHOLDS] + [f"iobb_{t}" for t in THRESHOLDS] + ["pointing", "mean_iou"]
 )
+# Median over a class's cases of where the map's peak lies from the centre of the nearest of the case's
+# boxes, in pixels of the image_size frame (y down, x right). A map that points at the lesion gives ~0;
+# a learnt shift of the evidence (features that describe what lies beside their cell, which no
+# image-level label can notice) gives the same sign in every class.
+OFFSET_KEYS = ("peak_offset_y", "peak_offset_x")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +182,17 @@ def box_iobb(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.divide(intersection, area, out=np.zeros_like(intersection), where=area > 0)
 
 
+def _coordinates(points: np.ndarray) -> np.ndarray:
+    """Points as :func:`points_in_boxes` reads them, as float coordinates: pixel indices move to the
+    pixel's centre and -1 becomes NaN."""
+    points = np.asarray(points)
+    if not np.issubdtype(points.dtype, np.integer):
+        return points.astype(np.float64)
+    coordinates = points + 0.5
+    coordinates[(points < 0).any(axis=1)] = np.nan
+    return coordinates
+
+
 def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Whether point (y, x) lies in box (x, y, w, h). Integer points are pixel indices (row, col), tested
     at the pixel's centre, and -1 never hits; float points are coordinates, and NaN never hits."""
@@ -197,11 +213,13 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class CaseScores:
-    """Per case: best IoU and best IoBB over its ground-truth boxes, and the pointing-game hit."""
+    """Per case: best IoU and best IoBB over its ground-truth boxes, the pointing-game hit, and the
+    peak's offset (y, x) from the centre of the nearest box (NaN for a flat map)."""
 
     iou: np.ndarray
     iobb: np.ndarray
     hit: np.ndarray
+    offset: np.ndarray
 
 
 def score_cases(predicted: np.ndarray, points: np.ndarray, truth: np.ndarray, case_of_truth: np.ndarray) -> CaseScores:
@@ -215,7 +233,14 @@ def score_cases(predicted: np.ndarray, points: np.ndarray, truth: np.ndarray, ca
     np.maximum.at(iou, case_of_truth, box_iou(pairs_predicted, truth))
     np.maximum.at(iobb, case_of_truth, box_iobb(pairs_predicted, truth))
     np.logical_or.at(hit, case_of_truth, points_in_boxes(points[case_of_truth], truth))
-    return CaseScores(iou=iou, iobb=iobb, hit=hit)
+    centres = truth[:, [1, 0]] + truth[:, [3, 2]] / 2  # (y, x) per box
+    offsets = _coordinates(points)[case_of_truth] - centres  # [G, 2]
+    reach = np.hypot(offsets[:, 0], offsets[:, 1])
+    nearest = np.lexsort((np.nan_to_num(reach, nan=np.inf), case_of_truth))  # by case, then by distance
+    first = nearest[np.r_[True, case_of_truth[nearest][1:] != case_of_truth[nearest][:-1]]]
+    offset = np.full((count, 2), np.nan)
+    offset[case_of_truth[first]] = offsets[first]
+    return CaseScores(iou=iou, iobb=iobb, hit=hit, offset=offset)
 
 
 def summarise(scores: CaseScores, case_class: np.ndarray, class_names: list[str]) -> dict:
@@ -231,9 +256,13 @@ def summarise(scores: CaseScores, case_class: np.ndarray, class_names: list[str]
             entry[f"iobb_{t}"] = float(np.mean(scores.iobb[member] >= t))
         entry["pointing"] = float(np.mean(scores.hit[member]))
         entry["mean_iou"] = float(np.mean(scores.iou[member]))
+        located = member & ~np.isnan(scores.offset).any(axis=1)
+        for axis, key in enumerate(OFFSET_KEYS):
+            entry[key] = float(np.median(scores.offset[located, axis])) if located.any() else float("nan")
         per_class[class_names[int(class_index)]] = entry
-    mean = {key: (float(np.mean([entry[key] for entry in per_class.values()])) if per_class else float("nan"))
-            for key in SCORE_KEYS}
+    mean = {key: (float(np.nanmean([entry[key] for entry in per_class.values()]))
+                  if per_class and not all(np.isnan(entry[key]) for entry in per_class.values()) else float("nan"))
+            for key in [*SCORE_KEYS, *OFFSET_KEYS]}
     mean["classes"] = len(per_class)
     mean["cases"] = int(len(case_class))
     return dict(per_class=per_class, mean=mean)
@@ -495,7 +524,7 @@ def localisation_report(model, dataset, config, device, progress: bool = True) -
 
 def format_table(report: dict, title: str = "") -> str:
     """The localisation results as a fixed-width text table, one row per method and class plus means."""
-    headers = [f"IoU>={t}" for t in THRESHOLDS] + [f"IoBB>={t}" for t in THRESHOLDS] + ["point", "mIoU"]
+    headers = [f"IoU>={t}" for t in THRESHOLDS] + [f"IoBB>={t}" for t in THRESHOLDS] + ["point", "mIoU", "peak dy", "dx"]
     names = sorted({name for result in report["methods"].values() for name in result["per_class"]})
     name_width = max([len(name) for name in names] + [8])
     lines = []
@@ -506,7 +535,8 @@ def format_table(report: dict, title: str = "") -> str:
     lines += [header, "-" * len(header)]
 
     def row(method: str, name: str, count, entry: dict) -> str:
-        values = " ".join(f"{_number(entry.get(key)):>9}" for key in SCORE_KEYS)
+        values = " ".join([f"{_number(entry.get(key)):>9}" for key in SCORE_KEYS]
+                          + [f"{_offset(entry.get(key)):>9}" for key in OFFSET_KEYS])
         return f"{METHOD_TITLES.get(method, method):<9} {name:<{name_width}} {count:>4} {values}"
 
     for method, result in report["methods"].items():
@@ -524,7 +554,13 @@ def format_table(report: dict, title: str = "") -> str:
     random_cell = report.get("pointing_random")
     if random_cell:
         lines.append(f"pointing game of a uniformly random cell: mean {random_cell['mean']:.3f}")
+    lines.append("peak dy, dx: median pixels from the nearest box centre to the map's peak (y down, x right); "
+                 "the same sign in every class is a shift of the evidence, not of a lesion")
     return "\n".join(lines).rstrip()
+
+
+def _offset(value) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:+.1f}"
 
 
 def _number(value) -> str:

@@ -24,7 +24,10 @@ counts a miss.
 A *case* is one (image, disease) pair with at least one ground-truth box; where a disease has several
 boxes in one image (several nodules), the case scores its best box (and the pointing game hits if
 the peak falls in any of them). Accuracy at IoU >= T is the share of cases that reach T; a class's
-numbers average its cases, the reported ``mean`` averages the classes.
+numbers average its cases, the reported ``mean`` averages the classes. Each class also gets the
+median offset of the peak from the centre of the case's nearest box (``peak_offset_y``, ``_x``): a
+map shifted the same way in every class describes what lies beside its cells, a shift that
+image-level training cannot see and only boxes reveal.
 
     python -m utils.localisation RUN/results.json [OTHER_RUN/results.json ...]   # print the tables
 """

@@ -168,8 +168,9 @@ def run(args: argparse.Namespace) -> Path:
             prototype_dim=model.prototype_dim,
             quality=_json_numbers(quality),
             box="high-activation box (x, y, w, h) in source-image pixels: 95th percentile of the upsampled "
-                "similarity map, connected component holding its maximum; truth_boxes: the source image's "
-                "ground-truth boxes of the prototype's class, same frame (empty where the training split has none)",
+                "similarity map, connected component holding its maximum",
+            truth_boxes="the source image's ground-truth boxes of the prototype's class (x, y, w, h), in the "
+                        "same frame (empty where the training split has none)",
             prototypes=_json_numbers([entries[j] for j in sorted(entries)]),
         ))
         if target is not None:

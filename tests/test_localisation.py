@@ -94,6 +94,10 @@ def test_peak_offset_is_measured_from_the_nearest_box_centre():
     points = np.array([[40.0, 60.0], [12.0, 34.0], [np.nan, np.nan], [5.0, 1.0]])
     scores = loc.score_cases(boxes, points, truth, case_of_truth)
     np.testing.assert_allclose(scores.offset, [[-5, -5], [-8, 4], [np.nan, np.nan], [3, -1]])
+    # The nearest box wins wherever it is listed: with case 0's two boxes swapped, the same offsets.
+    swapped = loc.score_cases(boxes, points, truth[[1, 0, 2, 3, 4]], case_of_truth)
+    np.testing.assert_allclose(swapped.offset, scores.offset)
+    assert loc.score_cases(boxes[:0], points[:0], truth[:0], case_of_truth[:0]).offset.shape == (0, 2)
     integer = loc.score_cases(boxes[3:], np.array([[2, 0]]), truth[4:], np.array([0]))
     np.testing.assert_allclose(integer.offset, [[0.5, -1.5]])  # pixel (2, 0) -> (2.5, 0.5); centre (2, 2)
 

@@ -240,15 +240,16 @@ def score_cases(predicted: np.ndarray, points: np.ndarray, truth: np.ndarray, ca
     offsets = _coordinates(points)[case_of_truth] - centres  # [G, 2]
     reach = np.hypot(offsets[:, 0], offsets[:, 1])
     nearest = np.lexsort((np.nan_to_num(reach, nan=np.inf), case_of_truth))  # by case, then by distance
-    first = nearest[np.r_[True, case_of_truth[nearest][1:] != case_of_truth[nearest][:-1]]]
+    first = nearest[np.r_[True, case_of_truth[nearest][1:] != case_of_truth[nearest][:-1]][: len(nearest)]]
     offset = np.full((count, 2), np.nan)
     offset[case_of_truth[first]] = offsets[first]
     return CaseScores(iou=iou, iobb=iobb, hit=hit, offset=offset)
 
 
 def summarise(scores: CaseScores, case_class: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy at each IoU / IoBB threshold, pointing-game hit rate and mean IoU, per class (classes
-    with cases only) and their unweighted mean over those classes."""
+    """Accuracy at each IoU / IoBB threshold, pointing-game hit rate, mean IoU and the median peak
+    offset (over the cases whose map has a peak; flat maps are left out), per class (classes with cases
+    only), and their unweighted mean over those classes (for the offsets, over the classes that have one)."""
     per_class = {}
     for class_index in np.unique(case_class):
         member = case_class == class_index

@@ -186,25 +186,21 @@ def box_iobb(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def _coordinates(points: np.ndarray) -> np.ndarray:
-    """Points as :func:`points_in_boxes` reads them, as float coordinates: pixel indices move to the
-    pixel's centre and -1 becomes NaN."""
+    """Points (y, x) as float coordinates: integer points are pixel indices (row, col) and move to the
+    pixel's centre, a row of -1 (no peak) becomes NaN; float points stay as they are (NaN: no peak)."""
     points = np.asarray(points)
     if not np.issubdtype(points.dtype, np.integer):
         return points.astype(np.float64)
     coordinates = points + 0.5
-    coordinates[(points < 0).any(axis=1)] = np.nan
+    coordinates[points[:, 0] < 0] = np.nan
     return coordinates
 
 
 def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Whether point (y, x) lies in box (x, y, w, h). Integer points are pixel indices (row, col), tested
     at the pixel's centre, and -1 never hits; float points are coordinates, and NaN never hits."""
-    points = np.asarray(points)
-    if np.issubdtype(points.dtype, np.integer):
-        missing = points[:, 0] < 0
-        points = points + 0.5
-    else:
-        missing = np.isnan(points).any(axis=1)
+    points = _coordinates(points)
+    missing = np.isnan(points).any(axis=1)
     y, x = points[:, 0], points[:, 1]
     with np.errstate(invalid="ignore"):
         inside = (x >= boxes[:, 0]) & (x < boxes[:, 0] + boxes[:, 2]) & (y >= boxes[:, 1]) & (y < boxes[:, 1] + boxes[:, 3])

@@ -215,7 +215,8 @@ def reasoning_blocks(model, explanation: Explanation, test: TestImage, classes: 
     drawn = [j for c in classes for j in shown[c]]
     views = {view.prototype: view for view in prototype_views(model, train, image_size, prototypes=drawn)} if drawn else {}
     height, width = test.image.shape[:2]
-    maps = similarity_images(explanation.similarity_maps[drawn], [(height, width)] * len(drawn)) if drawn else []
+    grid = model.cell_grid(image_size)
+    maps = similarity_images(explanation.similarity_maps[drawn], [(height, width)] * len(drawn), grid) if drawn else []
     boxes = high_activation_boxes(np.stack(maps)) if drawn else np.zeros((0, 4))
     drawn_slot = {j: slot for slot, j in enumerate(drawn)}
     truth = {}

@@ -45,6 +45,43 @@ class CIPLOutput:
     cross_logits: Tensor | None = None  # [2B, K] logits of the co-attended features, with co_attend=True
 
 
+@dataclass(frozen=True)
+class CellGrid:
+    """Where the cells of a feature map lie in the image the network saw.
+
+    Along each axis, cell k's receptive field is centred at ``first + k * step`` pixels of a square
+    ``frame``-pixel image (pixel i covers [i, i + 1)). Plain resizing of a map instead takes cell k to
+    be the k-th of equal slices, centred at ``(k + 0.5) * step`` (:meth:`equal_slices`). That is not
+    where the cells of these backbones look: their 3 x 3, stride-2 convolutions centre output j on
+    input pixel 2j, so cell k of the stride-8 tiny network is centred on pixel 8k, 3.5 px above and
+    left of its slice's centre, and cell k of a ResNet on pixel 32k, 15.5 px off.
+    """
+
+    first: float
+    step: float
+    frame: int
+
+    @classmethod
+    def equal_slices(cls, cells: int, frame: int) -> "CellGrid":
+        step = frame / cells
+        return cls(step / 2, step, frame)
+
+    def centres(self, cells, length: float):
+        """Pixel positions of cell indices ``cells`` (array or tensor) along an axis ``length`` pixels
+        long (the frame, or the same image at another size)."""
+        return (self.first + cells * self.step) * (length / self.frame)
+
+
+# Per backbone: its stride, and the pixel on which the first cell's receptive field is centred. A
+# layer with a k-wide kernel, stride s and padding p centres its output j on input position
+# s * j + (k - 1) / 2 - p. That is 0 for every 3 x 3 / padding 1, 7 x 7 / padding 3 and 1 x 1 /
+# padding 0 layer here, and +0.5 for each of DenseNet's 2 x 2 average-pooling transitions, which come
+# at strides 4, 8 and 16: 0.5 x (4 + 8 + 16) = 14 pixels.
+BACKBONE_GRID = {
+    "densenet121": (32, 14.0), "resnet18": (32, 0.0), "resnet34": (32, 0.0), "resnet50": (32, 0.0), "tiny": (8, 0.0),
+}
+
+
 # The four flips of an image: none, vertical (rows reversed), horizontal (columns reversed), both.
 # A flip is a 2-bit flag, bit 0 vertical and bit 1 horizontal, so composing two flips is the XOR of
 # their flags and every flip undoes itself.
@@ -335,6 +372,11 @@ class CIPL(nn.Module):
         self.register_buffer("prototype_source_distance", torch.full((self.num_prototypes,), float("nan")))
 
     # -- parameter groups ----------------------------------------------------------------------
+    def cell_grid(self, image_size: int) -> CellGrid:
+        """Where this model's feature-map cells lie in an ``image_size`` input (:class:`CellGrid`)."""
+        stride, first_pixel = BACKBONE_GRID[self.backbone_name]
+        return CellGrid(first=first_pixel + 0.5, step=float(stride), frame=image_size)
+
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters()) + list(self.top_layer.parameters())
 

@@ -9,7 +9,7 @@ import torch
 import main
 from conftest import tiny_config
 from datasets import MultiLabelDataset, build_datasets
-from model import CIPL, build_model
+from model import CIPL, CellGrid, build_model
 from utils import localisation as loc
 from utils.checkpoint import save_checkpoint
 from utils.training import Trainer
@@ -186,6 +186,40 @@ def test_pointing_ties_between_cells_go_to_the_first_cell_and_rectangular_frames
     np.testing.assert_allclose(loc.peak_points(coarse, (20, 80)), [[15.0, 50.0]])
 
 
+def test_upsampling_without_a_grid_is_plain_resizing():
+    torch.manual_seed(0)
+    maps = torch.rand(3, 5, 7, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(maps.unsqueeze(1), size=(40, 63), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(loc.upsample_maps(maps, (40, 63)), expected.squeeze(1))
+
+
+def test_the_cell_grid_places_cells_where_their_receptive_fields_are_centred():
+    """The tiny backbone's cell k looks at pixel 8k (its centre 8k + 0.5), not at the middle of the
+    k-th 8-px slice: the upsampled map carries each cell's value at its own pixel, the peak is reported
+    there, and a box over pixels 8k-ish holds it."""
+    grid = CellGrid(first=0.5, step=8.0, frame=128)
+    torch.manual_seed(0)
+    maps = torch.rand(2, 16, 16, dtype=torch.float64)
+    upsampled = loc.upsample_maps(maps, (128, 128), grid)
+    torch.testing.assert_close(upsampled[:, ::8, ::8], maps)  # pixel 8k holds cell k exactly
+    torch.testing.assert_close(upsampled[:, 4, 4], (maps[:, 0, 0] + maps[:, 0, 1] + maps[:, 1, 0] + maps[:, 1, 1]) / 4)
+    torch.testing.assert_close(upsampled[:, 127, 127], maps[:, 15, 15])  # beyond the last centre: held
+    # At twice the size (the 256-px source image of a radiograph the model saw at 128) everything
+    # scales: cell k is centred at 1 + 16k, and a map linear in k is read back as (y - 1) / 16 there.
+    ramp = torch.arange(16, dtype=torch.float64).view(1, 16, 1).expand(1, 16, 16)
+    centres = torch.arange(256, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(loc.upsample_maps(ramp, (256, 256), grid)[0, :, 3], ((centres - 1) / 16).clamp(0, 15))
+    coarse = np.zeros((1, 16, 16))
+    coarse[0, 2, 5] = 1.0
+    np.testing.assert_allclose(loc.peak_points(coarse, 128, grid), [[16.5, 40.5]])
+    np.testing.assert_allclose(loc.peak_points(coarse, 128), [[20.0, 44.0]])  # equal slices: 3.5 px off
+    lesion = np.array([[34.0, 12.0, 9.0, 7.0]])  # x 34-43, y 12-19
+    assert loc.points_in_boxes(loc.peak_points(coarse, 128, grid), lesion).tolist() == [True]
+    assert loc.points_in_boxes(loc.peak_points(coarse, 128), lesion).tolist() == [False]
+    share = loc.cells_in_boxes(lesion, np.array([0]), 1, (16, 16), 128, grid)
+    assert share.tolist() == [1 / 256]  # exactly one cell centre, (2, 5), lies in it
+
+
 def reference_gradcam(model, images, classes):
     """Grad-CAM written out: gradient of l_c - l_NF at the backbone output, channel weights = spatial mean,
     ReLU of the weighted sum, min-max normalised the way pytorch_grad_cam does, at the layer's resolution."""
@@ -256,8 +290,10 @@ def test_boxes_are_scaled_into_the_model_frame_and_an_oracle_scores_perfectly(mo
         return maps
 
     monkeypatch.setattr(loc, "cipl_maps", oracle)
+    model = tiny_model()
+    monkeypatch.setattr(model, "cell_grid", lambda size: CellGrid.equal_slices(50, size))  # the oracle's cells are pixels
     # One image per batch: the second batch's cases must line up with their own ground truth.
-    report = loc.evaluate_localisation(tiny_model(), dataset, "cpu", 50, batch_size=1, methods=("cipl",), progress=False)
+    report = loc.evaluate_localisation(model, dataset, "cpu", 50, batch_size=1, methods=("cipl",), progress=False)
     assert calls == [[0, 1], [1]]
     assert report["cases"] == 3 and report["boxed_images"] == 2
     mean = report["methods"]["cipl"]["mean"]

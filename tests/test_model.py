@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from model import (
-    BACKBONES, CIPL, EmaTeacher, FlipEquivariantConv, TinyBackbone, build_backbone, co_attention, disease_probabilities,
-    flip, squared_distances,
+    BACKBONE_GRID, BACKBONES, CIPL, CellGrid, EmaTeacher, FlipEquivariantConv, TinyBackbone, build_backbone, co_attention,
+    disease_probabilities, flip, squared_distances,
 )
 
 CLASSES = ["A", "B", "C", "No Finding"]
@@ -265,3 +265,40 @@ def test_logits_stay_float32_under_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(torch.randn(2, 3, 64, 64))
     assert output.logits.dtype == torch.float32 and output.min_distances.dtype == torch.float32
+
+
+def _linear_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """The same layers with ReLU dropped and max- turned into average-pooling: a linear network whose
+    gradient reaches every pixel of the theoretical receptive field (max-pooling and dead ReLUs would
+    cut it short)."""
+    module = copy.deepcopy(module).eval()
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.ReLU):
+            setattr(module, name, torch.nn.Identity())
+        elif isinstance(child, torch.nn.MaxPool2d):
+            setattr(module, name, torch.nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
+        else:
+            setattr(module, name, _linear_copy(child))
+    return module
+
+
+def _receptive_field_centre_row(backbone: torch.nn.Module, height: int, width: int, row: int) -> float:
+    """Pixel row (of pixel centres) in the middle of the rows that feature-map row ``row`` depends on."""
+    image = torch.randn(1, 3, height, width, requires_grad=True)
+    output = backbone(image)
+    output[0, :, row, output.shape[-1] // 2].sum().backward()
+    rows = torch.nonzero(image.grad.abs().sum(dim=(0, 1, 3)) > 0).flatten()
+    return (float(rows.min()) + float(rows.max())) / 2 + 0.5
+
+
+@pytest.mark.parametrize("name, height, width", [("tiny", 128, 128), ("resnet18", 704, 96), ("densenet121", 3200, 96)])
+def test_cell_grid_puts_each_cell_at_the_centre_of_its_receptive_field(name, height, width):
+    """CIPL.cell_grid against the gradient of a linearised copy of the backbone, far from the border."""
+    torch.manual_seed(0)
+    backbone = _linear_copy(build_backbone(name)[0])
+    stride = BACKBONE_GRID[name][0]
+    row = height // stride // 2
+    grid = CIPL(CLASSES, backbone=name, prototype_dim=8, prototypes_per_class=1).cell_grid(height)
+    assert _receptive_field_centre_row(backbone, height, width, row) == grid.centres(row, height)
+    if name == "tiny":  # 3.5 px above the centre of the cell's equal slice of the image, as the docstring says
+        assert grid.centres(row, height) == CellGrid.equal_slices(height // stride, height).centres(row, height) - 3.5

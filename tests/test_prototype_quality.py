@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datasets import EvalTransform, MultiLabelDataset
-from model import CIPL
+from model import CIPL, CellGrid
 from utils import prototype_quality as pq
 
 
@@ -133,6 +133,7 @@ def test_grounding_on_hand_built_maps(monkeypatch):
         return maps, [dataset.load_image(int(model.prototype_source_index[p])).shape[:2] for p in prototypes]
 
     monkeypatch.setattr(pq, "source_similarity_maps", fake_maps)
+    monkeypatch.setattr(model, "cell_grid", lambda size: CellGrid.equal_slices(5, size))  # cells of 10 x 10 px
     grounding = pq.prototype_grounding(model, TwoBoxImages(), 50, "cpu")
     assert grounding["evaluable"].tolist() == [True, False, True, True, False, False]  # NF never counts
     assert grounding["grounded"].tolist() == [True, False, False, False, False, False]
@@ -172,6 +173,7 @@ def test_a_prototype_on_another_diseases_lesion_is_counted_only_off_its_own(monk
     model.prototype_source_location.copy_(torch.tensor([[0, 0], [4, 4], [1, 1], [0, 0], [2, 2], [3, 3]]))
     monkeypatch.setattr(pq, "source_similarity_maps", lambda model, dataset, prototypes, *args, **kwargs: (
         torch.ones(len(prototypes), 5, 5, dtype=torch.float64), [(50, 50)] * len(prototypes)))
+    monkeypatch.setattr(model, "cell_grid", lambda size: CellGrid.equal_slices(5, size))  # cells of 10 x 10 px
     grounding = pq.prototype_grounding(model, CompanionImages(), 50, "cpu")
     assert grounding["at_lesion"].tolist() == [True, False, True, False, False, False]
     assert grounding["on_other_lesion"].tolist() == [False, True, False, True, False, False]  # NF never counts

@@ -146,18 +146,18 @@ def test_push_script_writes_gallery_json_and_a_new_checkpoint(tmp_path, tiny_set
     listing = json.loads((out / "prototypes.json").read_text())
     entries = listing["prototypes"]
     assert len(entries) == model.num_prototypes
-    cell = config.image_size / 12  # stride of the 12 x 12 feature map in image pixels
+    grid = model.cell_grid(config.image_size)  # where the 12 x 12 feature map's cells look
     for entry, record in zip(entries, pushed["prototype_provenance"]):
         assert entry["image_id"] == record["image_id"] and entry["location"] == record["location"]
         assert entry["class_name"] == model.class_names[entry["class_index"]]
         assert entry["distance"] == pytest.approx(record["distance"])
         for name in entry["files"].values():
             assert (out / name).stat().st_size > 0
-        # The high-activation box surrounds the feature cell the prototype was copied from.
+        # The high-activation box surrounds the centre of the feature cell the prototype was copied from.
         row, col = entry["location"]
         box = entry["box"]
-        assert box["x"] <= (col + 0.5) * cell <= box["x"] + box["w"]
-        assert box["y"] <= (row + 0.5) * cell <= box["y"] + box["h"]
+        assert box["x"] <= grid.centres(col, config.image_size) <= box["x"] + box["w"]
+        assert box["y"] <= grid.centres(row, config.image_size) <= box["y"] + box["h"]
         assert 0 < box["w"] * box["h"] < config.image_size ** 2
     # Each picture carries its source image's ground-truth boxes of the prototype's class, and only those.
     train = tiny_setup[1].train

@@ -11,10 +11,13 @@ Two maps are compared on the same model, for the ground-truth class of every box
   the disease's logit margin l_c - l_NF as the target, since P(c) = sigmoid(l_c - l_NF) is what the
   model reports.
 
-Both maps are taken at feature-map resolution. Pointing game: the map's highest cell, at its centre
-(located on the map itself, not after upsampling; see :func:`peak_points`). Map -> box: upsample
-bilinearly to the model's input resolution, min-max normalise, keep pixels >= threshold, take the
-8-connected component that holds the peak and its bounding box. Ground-truth boxes
+Both maps are taken at feature-map resolution, and each cell is placed in the image where its
+receptive field is centred (the model's :meth:`~model.CIPL.cell_grid`; plain resizing would draw the
+tiny backbone's maps 3.5 px and a ResNet's 15.5 px down and right of where their cells look).
+Pointing game: the map's highest cell, at its centre (located on the map itself, not after
+upsampling; see :func:`peak_points`). Map -> box: upsample bilinearly between the cell centres to
+the model's input resolution, min-max normalise, keep pixels >= threshold, take the 8-connected
+component that holds the peak and its bounding box. Ground-truth boxes
 (dataset ``boxes``, in the pixel frame of ``load_image``) are scaled into the same frame; IoU, IoBB
 (intersection / predicted-box area) and the pointing game do not change under that scaling except
 for pixel rounding. A map without variation (e.g. a Grad-CAM whose weighted activations are all <= 0,
@@ -50,6 +53,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from datasets import EvalTransform
+from model import CellGrid
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +74,25 @@ OFFSET_KEYS = ("peak_offset_y", "peak_offset_x")
 # ----------------------------------------------------------------------------------------------
 # Maps -> boxes
 # ----------------------------------------------------------------------------------------------
-def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """[N, h, w] -> [N, H, W], bilinear (half-pixel centres, like cv2.resize); float64 stays float64."""
+def upsample_maps(maps: Tensor, size: tuple[int, int], grid: CellGrid | None = None) -> Tensor:
+    """[N, h, w] -> [N, H, W], bilinear between the cell centres that ``grid`` (the model's
+    :meth:`~model.CIPL.cell_grid`) places in the image, holding the edge values beyond the outer
+    centres; float64 stays float64. Without a grid each cell is taken to be an equal slice of the
+    image, which is plain resizing (F.interpolate, half-pixel centres, like cv2.resize)."""
     maps = maps if maps.dtype == torch.float64 else maps.float()
-    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+    for axis, length in ((-2, size[0]), (-1, size[1])):
+        cells = maps.shape[axis]
+        axis_grid = grid or CellGrid.equal_slices(cells, length)
+        # Position of each output pixel's centre, in cells: 0 at the first cell's centre.
+        position = (torch.arange(length, dtype=maps.dtype, device=maps.device) + 0.5 - axis_grid.centres(0, length))
+        position = (position / (axis_grid.step * length / axis_grid.frame)).clamp(0, cells - 1)
+        lower = position.floor().long()
+        upper = (lower + 1).clamp(max=cells - 1)
+        shape = [length if dim == maps.ndim + axis else 1 for dim in range(maps.ndim)]
+        weight = (position - lower).view(shape)
+        below, above = maps.index_select(axis, lower), maps.index_select(axis, upper)
+        maps = below + (above - below) * weight
+    return maps
 
 
 def normalise_maps(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,9 +140,10 @@ def maps_to_boxes(maps: np.ndarray, threshold: float | np.ndarray = 0.5,
     return boxes, peaks
 
 
-def peak_points(maps: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarray:
-    """Where each map points, located on the map at its own resolution: the centre of its highest cell,
-    in image pixels (y, x) of an image_size frame. [N, h, w] -> [N, 2] float; NaN for a flat map.
+def peak_points(maps: np.ndarray, image_size: int | tuple[int, int], grid: CellGrid | None = None) -> np.ndarray:
+    """Where each map points, located on the map at its own resolution: the centre of its highest cell
+    (where ``grid`` puts it; without one, the centre of the cell's equal slice of the image), in image
+    pixels (y, x) of an image_size frame. [N, h, w] -> [N, 2] float; NaN for a flat map.
 
     Finding the peak after upsampling would be wrong: bilinear upsampling turns each edge cell into a
     band of equal values, and the first maximum in raster order then sits on pixel row or column 0,
@@ -135,18 +155,21 @@ def peak_points(maps: np.ndarray, image_size: int | tuple[int, int]) -> np.ndarr
     out_height, out_width = (image_size, image_size) if np.isscalar(image_size) else image_size
     _, flat = normalise_maps(maps)
     flat_index = maps.reshape(count, -1).argmax(axis=1)
-    cells = np.stack([flat_index // width, flat_index % width], axis=1).astype(np.float64)
-    points = (cells + 0.5) * np.array([out_height / height, out_width / width])
+    rows, cols = (flat_index // width).astype(np.float64), (flat_index % width).astype(np.float64)
+    row_grid = grid or CellGrid.equal_slices(height, out_height)
+    col_grid = grid or CellGrid.equal_slices(width, out_width)
+    points = np.stack([row_grid.centres(rows, out_height), col_grid.centres(cols, out_width)], axis=1)
     points[flat] = np.nan
     return points
 
 
-def localise(maps: np.ndarray, image_size: int, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def localise(maps: np.ndarray, image_size: int, threshold: float = 0.5,
+             grid: CellGrid | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Evidence maps at feature-map resolution [N, h, w] -> (boxes [N, 4] and points [N, 2] (y, x)) in
     the image_size x image_size frame. The box comes from the bilinearly upsampled map (METHOD.md), the
     point from the map itself (:func:`peak_points`); the box is the component that holds the point."""
-    points = peak_points(maps, image_size)
-    upsampled = upsample_maps(torch.as_tensor(np.asarray(maps, dtype=np.float64)), (image_size, image_size)).numpy()
+    points = peak_points(maps, image_size, grid)
+    upsampled = upsample_maps(torch.as_tensor(np.asarray(maps, dtype=np.float64)), (image_size, image_size), grid).numpy()
     seeds = np.floor(np.nan_to_num(points, nan=0.0)).astype(np.int64)
     boxes, _ = maps_to_boxes(upsampled, threshold, seeds=seeds)
     return boxes, points
@@ -440,6 +463,7 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
     boxes: dict[str, list] = {method: [] for method in methods}
     points: dict[str, list] = {method: [] for method in methods}
     map_size = (0, 0)
+    grid = model.cell_grid(image_size)  # Grad-CAM's layers share the feature map's cells
     starts = range(0, len(indices), batch_size)
     try:
         for start in tqdm(starts, desc="localisation", leave=False, disable=not progress):
@@ -456,7 +480,7 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
             for method in methods:
                 maps = cipl_maps(model, images, classes) if method == "cipl" else gradcam_maps(model, images, classes, layer)
                 map_size = tuple(maps.shape[-2:])
-                method_boxes, method_points = localise(maps.double().cpu().numpy(), image_size, threshold)
+                method_boxes, method_points = localise(maps.double().cpu().numpy(), image_size, threshold, grid)
                 boxes[method].append(method_boxes)
                 points[method].append(method_points)
     finally:
@@ -478,7 +502,7 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
     for method in methods:
         scores = score_cases(np.concatenate(boxes[method]), np.concatenate(points[method]), cases.truth, cases.case_of_truth)
         report["methods"][method] = summarise(scores, cases.class_index, dataset.class_names)
-    share = cells_in_boxes(cases.truth, cases.case_of_truth, len(cases.image_index), map_size, image_size)
+    share = cells_in_boxes(cases.truth, cases.case_of_truth, len(cases.image_index), map_size, image_size, grid)
     for key, per_case in (("pointing_ceiling", share > 0), ("pointing_random", share)):
         per_class = {dataset.class_names[int(c)]: float(per_case[cases.class_index == c].mean())
                      for c in np.unique(cases.class_index)}
@@ -487,15 +511,18 @@ def evaluate_localisation(model, dataset, device, image_size: int, threshold: fl
 
 
 def cells_in_boxes(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map_size: tuple[int, int],
-                   image_size: int) -> np.ndarray:
-    """Per case, the share of the h x w map's cell centres that lie in one of its boxes: [count] in [0, 1].
+                   image_size: int, grid: CellGrid | None = None) -> np.ndarray:
+    """Per case, the share of the h x w map's cell centres (placed by ``grid``, as in
+    :func:`peak_points`) that lie in one of its boxes: [count] in [0, 1].
 
     Two references for the pointing game follow from it: a case is reachable at all when the share is
     above 0 (:func:`pointing_ceiling`), and a map whose peak falls on a uniformly random cell hits a
     case with probability equal to the share (a box smaller than a cell may hold no cell centre)."""
     height, width = map_size
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    centres = np.stack([(rows.ravel() + 0.5) * image_size / height, (cols.ravel() + 0.5) * image_size / width], axis=1)
+    row_grid = grid or CellGrid.equal_slices(height, image_size)
+    col_grid = grid or CellGrid.equal_slices(width, image_size)
+    centres = np.stack([row_grid.centres(rows.ravel(), image_size), col_grid.centres(cols.ravel(), image_size)], axis=1)
     inside = points_in_boxes(np.repeat(centres, len(truth), axis=0), np.tile(truth, (len(centres), 1)))
     inside = inside.reshape(len(centres), len(truth))  # [cells, G]
     cell_hits_case = np.zeros((len(centres), count), dtype=bool)
@@ -504,10 +531,10 @@ def cells_in_boxes(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map
 
 
 def pointing_ceiling(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map_size: tuple[int, int],
-                     image_size: int) -> np.ndarray:
+                     image_size: int, grid: CellGrid | None = None) -> np.ndarray:
     """Per case, whether any cell centre of an h x w map lies in one of its boxes: [count] bool. The
     pointing game of any map at that resolution cannot beat the mean of this."""
-    return cells_in_boxes(truth, case_of_truth, count, map_size, image_size) > 0
+    return cells_in_boxes(truth, case_of_truth, count, map_size, image_size, grid) > 0
 
 
 def localisation_report(model, dataset, config, device, progress: bool = True) -> dict | None:

@@ -241,10 +241,11 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     chosen = np.asarray(chosen, np.int64)
     owner = np.asarray(owner, np.int64)
     high_boxes, sizes = [], []
+    grid = model.cell_grid(image_size)
     for start in range(0, len(chosen), batch_size):  # bounded memory: batch_size upsampled maps at a time
         maps, chunk_sizes = source_similarity_maps(model, dataset, chosen[start : start + batch_size], image_size,
                                                    device, batch_size)
-        high_boxes.append(high_activation_boxes(upsample_maps(maps, (image_size, image_size)).cpu().numpy()))
+        high_boxes.append(high_activation_boxes(upsample_maps(maps, (image_size, image_size), grid).cpu().numpy()))
         sizes.extend(chunk_sizes)
     # The truth boxes, from their image's own pixels into the image_size x image_size frame.
     height, width = np.asarray(sizes, np.float64).T  # per evaluable prototype
@@ -255,8 +256,7 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     largest_lesion = np.zeros(len(chosen))
     np.maximum.at(largest_lesion, owner, truth[:, 2] * truth[:, 3])
 
-    map_height, map_width = maps.shape[-2:]
-    points = (location[chosen] + 0.5) * np.array([image_size / map_height, image_size / map_width])
+    points = grid.centres(location[chosen].astype(np.float64), image_size)  # (row, col) cells -> (y, x) pixels
     iobb, inside = grounding_scores(np.concatenate(high_boxes), points, truth, owner, len(chosen))
     in_foreign = points_in_owned_boxes(points, foreign, foreign_owner, len(chosen))
     result["evaluable"][chosen] = True

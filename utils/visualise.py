@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from datasets import EvalTransform, class_names_for
-from model import CIPL, paired_similarity_maps
+from model import CIPL, CellGrid, paired_similarity_maps
 from settings import Config
 from utils.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from utils.localisation import high_activation_boxes, normalise_maps, upsample_maps
@@ -203,13 +203,14 @@ def save_png(path: Path, image: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def similarity_images(similarity: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Similarity maps [N, h, w] -> each upsampled to its image's (H, W) and min-max normalised;
-    maps that share a size are upsampled together."""
+def similarity_images(similarity: torch.Tensor, sizes: Sequence[tuple[int, int]], grid: CellGrid) -> list[np.ndarray]:
+    """Similarity maps [N, h, w] -> each upsampled to its image's (H, W), with the cells where ``grid``
+    (the model's :meth:`~model.CIPL.cell_grid`) puts them, and min-max normalised; maps that share a
+    size are upsampled together."""
     result: list[np.ndarray | None] = [None] * len(sizes)
     for size in sorted(set(map(tuple, sizes))):
         members = [i for i, s in enumerate(sizes) if tuple(s) == size]
-        upsampled = upsample_maps(similarity[members], size).cpu().numpy()
+        upsampled = upsample_maps(similarity[members], size, grid).cpu().numpy()
         normalised, _ = normalise_maps(upsampled)
         for slot, member in enumerate(members):
             result[member] = normalised[slot].astype(np.float32)
@@ -316,7 +317,7 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
             features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
             similarity = paired_similarity_maps(features[torch.as_tensor(inverse, device=device)],
                                                 model.prototypes[torch.as_tensor(chosen, device=device)], dim)
-            maps = similarity_images(similarity, [raw[i].shape[:2] for i in inverse])
+            maps = similarity_images(similarity, [raw[i].shape[:2] for i in inverse], model.cell_grid(image_size))
             boxes = high_activation_boxes(np.stack(maps)) if len({m.shape for m in maps}) == 1 else np.concatenate(
                 [high_activation_boxes(m[None]) for m in maps]
             )

@@ -32,8 +32,8 @@ from settings import (
     PRESETS, RUNTIME_FIELDS, Config, add_config_arguments, config_overrides, option_name, preset_config, validate,
 )
 from utils.checkpoint import (
-    CheckpointError, atomic_write_json, atomic_write_text, check_compatible, load_checkpoint, restore_rng_state, rng_state,
-    save_checkpoint,
+    CheckpointError, atomic_write_json, atomic_write_text, check_compatible, load_checkpoint, load_model_weights,
+    restore_rng_state, rng_state, save_checkpoint,
 )
 from utils.distributed import all_gather_objects, barrier, broadcast_object, current_context, destroy, init_distributed_mode, local_only
 from utils.dry_run import describe
@@ -341,11 +341,11 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
     splits = build_datasets_once_per_node(config, context)
     model = build_model(config, load_pretrained=False)
     check_compatible(state, model)
+    load_model_weights(model, state)  # before the output folder exists: a refusal leaves nothing behind
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir / "log.txt")
     trainer = Trainer(config, model, splits, resolve_device(config.device, context), progress=progress)
-    trainer.model.load_state_dict(state["model"])
     results, test_predictions, test_scores = evaluate_splits(trainer, splits)
     results["checkpoint"] = str(Path(checkpoint).resolve())
     if not context.is_main:
@@ -373,7 +373,7 @@ def evaluate_external(checkpoint: str, args: argparse.Namespace, progress: bool 
     model = CIPL(class_names, backbone=config.backbone, prototype_dim=config.prototype_dim,
                  prototypes_per_class=config.prototypes_per_class)
     check_compatible(state, model)
-    model.load_state_dict(state["model"])
+    load_model_weights(model, state)
     run_dir = Path(command_line.get("out_dir") or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     context = current_context()
     if context.is_main:

@@ -50,11 +50,12 @@ class CellGrid:
     """Where the cells of a feature map lie in the image the network saw.
 
     Along each axis, cell k's receptive field is centred at ``first + k * step`` pixels of a square
-    ``frame``-pixel image (pixel i covers [i, i + 1)). Plain resizing of a map instead takes cell k to
-    be the k-th of equal slices, centred at ``(k + 0.5) * step`` (:meth:`equal_slices`). That is not
-    where the cells of these backbones look: their 3 x 3, stride-2 convolutions centre output j on
-    input pixel 2j, so cell k of the stride-8 tiny network is centred on pixel 8k, 3.5 px above and
-    left of its slice's centre, and cell k of a ResNet on pixel 32k, 15.5 px off.
+    ``frame``-pixel image (pixel i covers [i, i + 1), so pixel i's centre is at i + 0.5). Plain
+    resizing of a map instead takes cell k to be the k-th of equal slices, centred at
+    ``(k + 0.5) * step`` (:meth:`equal_slices`). That is not where the cells of these backbones look:
+    their 3 x 3, stride-2 convolutions centre output j on input pixel 2j, so cell k of the stride-8
+    tiny network is centred on pixel 8k, 3.5 px above and left of its slice's centre, a ResNet's 15.5
+    px and DenseNet-121's 1.5 px (:data:`BACKBONE_GRID`).
     """
 
     first: float
@@ -72,7 +73,7 @@ class CellGrid:
         return (self.first + cells * self.step) * (length / self.frame)
 
 
-# Per backbone: its stride, and the pixel on which the first cell's receptive field is centred. A
+# Per backbone: (stride, index of the pixel on which the first cell's receptive field is centred). A
 # layer with a k-wide kernel, stride s and padding p centres its output j on input position
 # s * j + (k - 1) / 2 - p. That is 0 for every 3 x 3 / padding 1, 7 x 7 / padding 3 and 1 x 1 /
 # padding 0 layer here, and +0.5 for each of DenseNet's 2 x 2 average-pooling transitions, which come
@@ -105,7 +106,7 @@ class FlipEquivariantConv(nn.Module):
     The first layer (``lifting=True``) reads ordinary image channels. A later layer reads the
     4-version maps of the layer before: its filter for version ``f`` is its base filter flipped by
     ``f`` with the input versions relabelled to match, which keeps the swap-and-flip rule exact.
-    The weight is stored as one 4-D tensor so that channels-last memory format applies to it.
+    The weight is stored as one 4-D tensor (a 5-D one would refuse channels-last conversion).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, lifting: bool):
@@ -113,10 +114,11 @@ class FlipEquivariantConv(nn.Module):
         self.out_channels, self.stride, self.lifting = out_channels, stride, lifting
         inputs = in_channels if lifting else FLIPS * in_channels
         self.weight = nn.Parameter(torch.empty(out_channels, inputs, 3, 3))
-        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")
-        # Input version read by output version f at base slot v: v ^ f (see the class docstring).
-        relabel = torch.tensor([[version ^ which for version in range(FLIPS)] for which in range(FLIPS)])
-        self.register_buffer("relabel", relabel, persistent=False)
+        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")  # fan-in of the expanded convolution
+        if not lifting:
+            # Input version read by output version f at base slot v: v ^ f (see the class docstring).
+            relabel = torch.tensor([[version ^ which for version in range(FLIPS)] for which in range(FLIPS)])
+            self.register_buffer("relabel", relabel, persistent=False)
 
     def expanded_weight(self) -> Tensor:
         """The [4 * out, in or 4 * in, 3, 3] weight of the equivalent ordinary convolution."""
@@ -137,11 +139,12 @@ class FlipBatchNormReLU(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = nn.BatchNorm3d(channels)
+        self.activation = nn.ReLU()
 
     def forward(self, maps: Tensor) -> Tensor:
         batch, channels, height, width = maps.shape
         grouped = maps.reshape(batch, channels // FLIPS, FLIPS, height, width)
-        return F.relu(self.norm(grouped)).reshape(batch, channels, height, width)
+        return self.activation(self.norm(grouped)).reshape(batch, channels, height, width)
 
 
 class TinyBackbone(nn.Sequential):
@@ -154,14 +157,19 @@ class TinyBackbone(nn.Sequential):
     network could use in place of what the cell actually shows.
 
     Every conv is a :class:`FlipEquivariantConv` and the last step averages each filter's four
-    versions, so flipping the image flips the feature map and changes nothing else (exactly when the
-    stride-2 grids are symmetric, e.g. at 121 px; to within the grid's one-pixel phase at 128 px).
-    This keeps the evidence on the lesion. A network trained from scratch is otherwise free to
+    versions, so mirroring the image mirrors the feature map and changes nothing else. That holds
+    exactly for mirroring about a line the stride-2 grids are symmetric about, through a pixel whose
+    index is a multiple of 4 (away from the borders), or the middle of a 121-px image. Flipping a
+    128-px image is the mirroring about pixel 64 followed by a 1-px shift, which a stride-8 network
+    does not commute with. The network cannot tell a lesion from its mirror image, nor left from
+    right. What it gains: the evidence stays on the lesion. A network trained from scratch is otherwise free to
     answer for a lesion from a cell up to 29 px away: no loss looks at where the evidence lies, and
     with ordinary convs a third of the seeds drifted 10-23 px off their lesions in warm-up, which
     halved their grounding (README, "What separates a bad seed"). A flip-equivariant network cannot
-    drift: the flipped lesion would have to drift the other way. The paper's ImageNet-initialised
-    DenseNet starts with centred filters instead. ``widths`` counts filters; each has four versions.
+    drift: the mirrored lesion would have to drift the other way. The paper's ImageNet-initialised
+    DenseNet starts with centred filters instead. ``widths`` counts filters; each has four versions,
+    so the maps are as many and cost as much as those of an ordinary (16, 32, 64) network, with a
+    quarter of its weights, and the output has 16 channels (the versions averaged).
     """
 
     STRIDE = 8

@@ -220,6 +220,36 @@ def test_the_cell_grid_places_cells_where_their_receptive_fields_are_centred():
     assert share.tolist() == [1 / 256]  # exactly one cell centre, (2, 5), lies in it
 
 
+class SmallBoxImage(MultiLabelDataset):
+    """One 128 x 128 image whose A box (x 35-43, y 12-19) holds pixel (16.5, 40.5), where the tiny
+    backbone's cell (2, 5) is centred, but not (20, 44), the centre of that cell's equal slice."""
+
+    def __init__(self):
+        self.class_names = ["A", "B", "No Finding"]
+        self.image_ids = ["one"]
+        self.targets = np.array([[1, 0, 0]], dtype=np.float32)
+        self.boxes = {0: [(0, 35.0, 12.0, 8.0, 7.0)]}
+
+    def load_image(self, index):
+        return np.zeros((128, 128), np.uint8)
+
+
+def test_the_evaluation_scores_each_map_with_the_models_cell_grid(monkeypatch):
+    def peaked(model, images, classes):
+        maps = torch.zeros(len(images), 16, 16)
+        maps[:, 2, 5] = 1.0
+        return maps
+
+    monkeypatch.setattr(loc, "cipl_maps", peaked)
+    model = tiny_model()
+    report = loc.evaluate_localisation(model, SmallBoxImage(), "cpu", 128, methods=("cipl",), progress=False)
+    assert report["methods"]["cipl"]["mean"]["pointing"] == 1.0
+    assert report["pointing_ceiling"]["mean"] == 1.0  # the box holds the centre of cell (2, 5)
+    monkeypatch.setattr(model, "cell_grid", lambda size: CellGrid.equal_slices(16, size))
+    report = loc.evaluate_localisation(model, SmallBoxImage(), "cpu", 128, methods=("cipl",), progress=False)
+    assert report["methods"]["cipl"]["mean"]["pointing"] == 0.0  # (20, 44) lies outside the box
+
+
 def reference_gradcam(model, images, classes):
     """Grad-CAM written out: gradient of l_c - l_NF at the backbone output, channel weights = spatial mean,
     ReLU of the weighted sum, min-max normalised the way pytorch_grad_cam does, at the layer's resolution."""

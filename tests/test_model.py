@@ -291,7 +291,13 @@ def _receptive_field_centre_row(backbone: torch.nn.Module, height: int, width: i
     return (float(rows.min()) + float(rows.max())) / 2 + 0.5
 
 
-@pytest.mark.parametrize("name, height, width", [("tiny", 128, 128), ("resnet18", 704, 96), ("densenet121", 3200, 96)])
+def test_every_backbone_has_a_cell_grid():
+    assert set(BACKBONE_GRID) == set(BACKBONES)
+
+
+@pytest.mark.parametrize("name, height, width", [
+    ("tiny", 128, 128), ("resnet18", 704, 96), ("resnet50", 704, 96), ("densenet121", 3200, 96),
+])
 def test_cell_grid_puts_each_cell_at_the_centre_of_its_receptive_field(name, height, width):
     """CIPL.cell_grid against the gradient of a linearised copy of the backbone, far from the border."""
     torch.manual_seed(0)

@@ -201,3 +201,29 @@ def test_source_similarity_maps_are_each_prototypes_map_on_its_own_image():
         images = torch.stack([EvalTransform(64)(dataset.load_image(i)) for i in (1, 0, 1)])
         expected = model(images).similarity_maps[torch.arange(3), torch.tensor([0, 1, 3])].double()
     torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+
+
+class SmallAndLargeBox:
+    """Two 128 x 128 images. Image 0 has a small A box (x 35-43, y 12-19) that holds pixel
+    (16.5, 40.5), where the tiny backbone's cell (2, 5) is centred, but not (20, 44), the centre of
+    that cell's equal slice of the image. Image 1 has a B box around the high-activation region of a
+    map peaked on that cell."""
+    boxes = {0: [(0, 35.0, 12.0, 8.0, 7.0)], 1: [(1, 24.0, 0.0, 34.0, 34.0)]}
+
+    def load_image(self, index):
+        return np.zeros((128, 128), np.uint8)
+
+
+def test_grounding_puts_the_pushed_cell_and_its_map_where_the_backbone_looks(monkeypatch):
+    model = CIPL(["A", "B", "No Finding"], backbone="tiny", prototype_dim=4, prototypes_per_class=1)
+    model.prototype_source_index.copy_(torch.tensor([0, 1, -1]))
+    model.prototype_source_location.copy_(torch.tensor([[2, 5], [2, 5], [0, 0]]))
+    rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    bump = torch.exp(-((rows - 2) ** 2 + (cols - 5) ** 2) / 4).double()  # peaked on cell (2, 5)
+    monkeypatch.setattr(pq, "source_similarity_maps", lambda model, dataset, prototypes, *args, **kwargs: (
+        bump.expand(len(prototypes), 16, 16), [(128, 128)] * len(prototypes)))
+    placed = pq.prototype_grounding(model, SmallAndLargeBox(), 128, "cpu")
+    monkeypatch.setattr(model, "cell_grid", lambda size: CellGrid.equal_slices(16, size))
+    sliced = pq.prototype_grounding(model, SmallAndLargeBox(), 128, "cpu")
+    assert placed["at_lesion"][0] and not sliced["at_lesion"][0]
+    assert placed["iobb"][1] > 0.99 > sliced["iobb"][1]

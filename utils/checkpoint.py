@@ -85,6 +85,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def load_model_weights(model, state: dict) -> None:
+    """``model.load_state_dict(state["model"])``, refusing with one line when the weights do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        hint = ""
+        if getattr(model, "backbone_name", "") == "tiny":
+            hint = (" Checkpoints of the tiny backbone written before its convolutions became flip-equivariant "
+                    "(November 2026) have another layout and cannot be loaded; train again.")
+        raise CheckpointError(f"{state.get('path', 'checkpoint')}: its weights do not fit this model ({first}).{hint}") from error
+
+
 def check_compatible(state: dict, model) -> None:
     """Refuse a checkpoint whose model description (classes, backbone, sizes) differs from ``model``."""
     expected = model.description()

@@ -74,6 +74,11 @@ OFFSET_KEYS = ("peak_offset_y", "peak_offset_x")
 # ----------------------------------------------------------------------------------------------
 # Maps -> boxes
 # ----------------------------------------------------------------------------------------------
+def _axis_grid(grid: CellGrid | None, cells: int, length: int) -> CellGrid:
+    """``grid``, or without one ``cells`` equal slices of an axis ``length`` pixels long."""
+    return grid or CellGrid.equal_slices(cells, length)
+
+
 def upsample_maps(maps: Tensor, size: tuple[int, int], grid: CellGrid | None = None) -> Tensor:
     """[N, h, w] -> [N, H, W], bilinear between the cell centres that ``grid`` (the model's
     :meth:`~model.CIPL.cell_grid`) places in the image, holding the edge values beyond the outer
@@ -82,7 +87,7 @@ def upsample_maps(maps: Tensor, size: tuple[int, int], grid: CellGrid | None = N
     maps = maps if maps.dtype == torch.float64 else maps.float()
     for axis, length in ((-2, size[0]), (-1, size[1])):
         cells = maps.shape[axis]
-        axis_grid = grid or CellGrid.equal_slices(cells, length)
+        axis_grid = _axis_grid(grid, cells, length)
         # Position of each output pixel's centre, in cells: 0 at the first cell's centre.
         position = (torch.arange(length, dtype=maps.dtype, device=maps.device) + 0.5 - axis_grid.centres(0, length))
         position = (position / (axis_grid.step * length / axis_grid.frame)).clamp(0, cells - 1)
@@ -156,8 +161,8 @@ def peak_points(maps: np.ndarray, image_size: int | tuple[int, int], grid: CellG
     _, flat = normalise_maps(maps)
     flat_index = maps.reshape(count, -1).argmax(axis=1)
     rows, cols = (flat_index // width).astype(np.float64), (flat_index % width).astype(np.float64)
-    row_grid = grid or CellGrid.equal_slices(height, out_height)
-    col_grid = grid or CellGrid.equal_slices(width, out_width)
+    row_grid = _axis_grid(grid, height, out_height)
+    col_grid = _axis_grid(grid, width, out_width)
     points = np.stack([row_grid.centres(rows, out_height), col_grid.centres(cols, out_width)], axis=1)
     points[flat] = np.nan
     return points
@@ -520,8 +525,8 @@ def cells_in_boxes(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map
     case with probability equal to the share (a box smaller than a cell may hold no cell centre)."""
     height, width = map_size
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    row_grid = grid or CellGrid.equal_slices(height, image_size)
-    col_grid = grid or CellGrid.equal_slices(width, image_size)
+    row_grid = _axis_grid(grid, height, image_size)
+    col_grid = _axis_grid(grid, width, image_size)
     centres = np.stack([row_grid.centres(rows.ravel(), image_size), col_grid.centres(cols.ravel(), image_size)], axis=1)
     inside = points_in_boxes(np.repeat(centres, len(truth), axis=0), np.tile(truth, (len(centres), 1)))
     inside = inside.reshape(len(centres), len(truth))  # [cells, G]

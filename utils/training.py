@@ -21,6 +21,7 @@ from datasets import (
     TwoViewTransform, unpack_pairs,
 )
 from model import CIPL, EmaTeacher, disease_probabilities
+from utils.checkpoint import load_model_weights
 from utils.distributed import all_gather_objects, all_reduce_sum, broadcast_tensor, current_context, shard_indices
 from utils.metrics import per_class_auc
 from utils.projection import push_prototypes
@@ -203,7 +204,7 @@ class Trainer:
         )
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        load_model_weights(self.model, state)
         if state.get("teacher") is not None:
             self.teacher = EmaTeacher(self.model, self.config.ema_decay).to(self.device)
             self.teacher.load_state_dict(state["teacher"])

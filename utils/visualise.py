@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from datasets import EvalTransform, class_names_for
 from model import CIPL, CellGrid, paired_similarity_maps
 from settings import Config
-from utils.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from utils.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model_weights
 from utils.localisation import high_activation_boxes, normalise_maps, upsample_maps
 from utils.training import resolve_device
 
@@ -73,11 +73,7 @@ def load_model_from_checkpoint(path, device: str = "cpu", data_root: str = ""):
                  prototypes_per_class=config.prototypes_per_class)
     if "model_description" in state:
         check_compatible(state, model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{state['path']}: the weights do not fit its own configuration ({first})") from error
+    load_model_weights(model, state)
     model.to(resolve_device(config.device)).eval()
     return state, config, model
 

@@ -83,113 +83,30 @@ BACKBONE_GRID = {
 }
 
 
-# The four flips of an image: none, vertical (rows reversed), horizontal (columns reversed), both.
-# A flip is a 2-bit flag, bit 0 vertical and bit 1 horizontal, so composing two flips is the XOR of
-# their flags and every flip undoes itself.
-FLIPS = 4
-_FLIP_DIMS = ((), (-2,), (-1,), (-2, -1))
-
-
-def flip(tensor: Tensor, which: int) -> Tensor:
-    """``tensor`` flipped over its last two (spatial) axes by flip number ``which`` (0-3)."""
-    return tensor.flip(_FLIP_DIMS[which]) if which else tensor
-
-
-class FlipEquivariantConv(nn.Module):
-    """A 3x3 convolution that commutes with the four flips of its input (a group convolution).
-
-    Each of the ``out_channels`` filters is applied in four flipped versions, so the output holds
-    4 x ``out_channels`` maps, flip-major within each filter: channel ``4 * o + f`` is filter ``o``
-    flipped by ``f``. Flipping the input then flips every output map and swaps the versions of each
-    filter among themselves (version ``f`` becomes ``f ^ flip``); nothing else changes.
-
-    The first layer (``lifting=True``) reads ordinary image channels. A later layer reads the
-    4-version maps of the layer before: its filter for version ``f`` is its base filter flipped by
-    ``f`` with the input versions relabelled to match, which keeps the swap-and-flip rule exact.
-    The weight is stored as one 4-D tensor (a 5-D one would refuse channels-last conversion).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int, lifting: bool):
-        super().__init__()
-        self.out_channels, self.stride, self.lifting = out_channels, stride, lifting
-        inputs = in_channels if lifting else FLIPS * in_channels
-        self.weight = nn.Parameter(torch.empty(out_channels, inputs, 3, 3))
-        nn.init.kaiming_normal_(self.weight, nonlinearity="relu")  # fan-in of the expanded convolution
-        if not lifting:
-            # Input version read by output version f at base slot v: v ^ f (see the class docstring).
-            relabel = torch.tensor([[version ^ which for version in range(FLIPS)] for which in range(FLIPS)])
-            self.register_buffer("relabel", relabel, persistent=False)
-
-    def expanded_weight(self) -> Tensor:
-        """The [4 * out, in or 4 * in, 3, 3] weight of the equivalent ordinary convolution."""
-        if self.lifting:
-            versions = [flip(self.weight, which) for which in range(FLIPS)]
-            return torch.stack(versions, 1).flatten(0, 1)
-        base = self.weight.view(self.out_channels, -1, FLIPS, 3, 3)
-        versions = [flip(base[:, :, self.relabel[which]], which) for which in range(FLIPS)]
-        return torch.stack(versions, 1).flatten(0, 1).flatten(1, 2)
-
-    def forward(self, maps: Tensor) -> Tensor:
-        return F.conv2d(F.pad(maps, (1, 1, 1, 1), mode="reflect"), self.expanded_weight(), stride=self.stride)
-
-
-class FlipBatchNormReLU(nn.Module):
-    """BatchNorm shared by the four versions of each filter (so flipping commutes with it), then ReLU."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = nn.BatchNorm3d(channels)
-        self.activation = nn.ReLU()
-
-    def forward(self, maps: Tensor) -> Tensor:
-        batch, channels, height, width = maps.shape
-        grouped = maps.reshape(batch, channels // FLIPS, FLIPS, height, width)
-        return self.activation(self.norm(grouped)).reshape(batch, channels, height, width)
-
-
 class TinyBackbone(nn.Sequential):
-    """A small stride-8 CNN for CPU runs (the synthetic preset) and tests, equivariant to flips.
+    """A small stride-8 CNN for CPU runs (the synthetic preset) and tests.
 
     Three stages, each a stride-2 3x3 conv and a stride-1 3x3 conv (BatchNorm, ReLU), then one more
     3x3 conv: a 128-px image gives a 16x16 feature map whose cells each see a 59-px window, so where
     a prototype matches says where its evidence lies. Padding reflects the image instead of adding
     zeros: a zero border would tell every cell how far it is from the edge, a position code the
     network could use in place of what the cell actually shows.
-
-    Every conv is a :class:`FlipEquivariantConv` and the last step averages each filter's four
-    versions, so mirroring the image mirrors the feature map and changes nothing else. That holds
-    exactly for mirroring about a line the stride-2 grids are symmetric about, through a pixel whose
-    index is a multiple of 4 (away from the borders), or the middle of a 121-px image. Flipping a
-    128-px image is the mirroring about pixel 64 followed by a 1-px shift, which a stride-8 network
-    does not commute with. The network cannot tell a lesion from its mirror image, nor left from
-    right. What it gains: the evidence stays on the lesion. A network trained from scratch is otherwise free to
-    answer for a lesion from a cell up to 29 px away: no loss looks at where the evidence lies, and
-    with ordinary convs a third of the seeds drifted 10-23 px off their lesions in warm-up, which
-    halved their grounding (README, "What separates a bad seed"). A flip-equivariant network cannot
-    drift: the mirrored lesion would have to drift the other way. The paper's ImageNet-initialised
-    DenseNet starts with centred filters instead. ``widths`` counts filters; each has four versions,
-    so the maps are as many and cost as much as those of an ordinary (16, 32, 64) network, with a
-    quarter of its weights, and the output has 16 channels (the versions averaged).
     """
 
     STRIDE = 8
     RECEPTIVE_FIELD = 59  # 1 + sum over the 3x3 convs of 2 x (product of the strides before it)
 
-    def __init__(self, widths: tuple[int, ...] = (4, 8, 16)):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64)):
         layers: list[nn.Module] = []
         channels_in = 3
         strides = [stride for _ in widths for stride in (2, 1)] + [1]
         outputs = [width for width in widths for _ in (0, 1)] + [widths[-1]]
-        for index, (stride, width) in enumerate(zip(strides, outputs)):
-            layers += [FlipEquivariantConv(channels_in, width, stride, lifting=index == 0), FlipBatchNormReLU(width)]
+        for stride, width in zip(strides, outputs):
+            layers += [nn.Conv2d(channels_in, width, 3, stride=stride, padding=1, padding_mode="reflect", bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             channels_in = width
         super().__init__(*layers)
         self.out_channels = widths[-1]
-
-    def forward(self, images: Tensor) -> Tensor:
-        maps = super().forward(images)
-        batch, channels, height, width = maps.shape
-        return maps.view(batch, channels // FLIPS, FLIPS, height, width).mean(2)
 
 
 def _torchvision_weights(name: str):

@@ -162,9 +162,7 @@ PRESETS: dict[str, dict] = {
         preset="synthetic", dataset="synthetic",
         # Stride 8 with reflecting padding (model.TinyBackbone): 16 x 16 feature maps at 128 px, each cell
         # sees a 59-px window, and no zero border tells a cell where it is. The stride-32 CNN it replaces
-        # gave 4 x 4 maps whose cells each saw the whole image: its prototypes sat on one cell. Its convs
-        # are flip-equivariant: with ordinary ones, 2 of 6 seeds at 2400 anchors learnt in warm-up to
-        # answer for a lesion from 10-23 px away and grounded 0.26 of their prototypes (README).
+        # gave 4 x 4 maps whose cells each saw the whole image: its prototypes sat on one cell.
         backbone="tiny", pretrained=False,  # no ImageNet weights exist for it; nothing is downloaded
         image_size=128,  # 16 x 16 maps with stride 8; a nodule spans 4-9 px, a mass 20-31 px
         prototype_dim=64,  # D: a quarter of the paper's 256 keeps distances, co-attention and L_inte cheap

@@ -90,12 +90,9 @@ def load_model_weights(model, state: dict) -> None:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        hint = ""
-        if getattr(model, "backbone_name", "") == "tiny":
-            hint = (" Checkpoints of the tiny backbone written before its convolutions became flip-equivariant "
-                    "(November 2026) have another layout and cannot be loaded; train again.")
-        raise CheckpointError(f"{state.get('path', 'checkpoint')}: its weights do not fit this model ({first}).{hint}") from error
+        lines = [line.strip() for line in str(error).strip().splitlines()]
+        first = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, under torch's header line
+        raise CheckpointError(f"{state.get('path', 'checkpoint')}: its weights do not fit this model ({first})") from error
 
 
 def check_compatible(state: dict, model) -> None:

@@ -79,6 +79,16 @@ def _axis_grid(grid: CellGrid | None, cells: int, length: int) -> CellGrid:
     return grid or CellGrid.equal_slices(cells, length)
 
 
+def cell_centre_points(rows, cols, map_size: tuple[int, int], out_size: tuple[int, int],
+                       grid: CellGrid | None = None) -> np.ndarray:
+    """Cells (rows, cols) of an h x w map -> their centres (y, x) in pixels of an out_size image,
+    placed by ``grid`` (without one, at the centres of equal slices): [n, 2] float."""
+    (height, width), (out_height, out_width) = map_size, out_size
+    y = _axis_grid(grid, height, out_height).centres(np.asarray(rows, np.float64), out_height)
+    x = _axis_grid(grid, width, out_width).centres(np.asarray(cols, np.float64), out_width)
+    return np.stack([y, x], axis=1)
+
+
 def upsample_maps(maps: Tensor, size: tuple[int, int], grid: CellGrid | None = None) -> Tensor:
     """[N, h, w] -> [N, H, W], bilinear between the cell centres that ``grid`` (the model's
     :meth:`~model.CIPL.cell_grid`) places in the image, holding the edge values beyond the outer
@@ -89,8 +99,9 @@ def upsample_maps(maps: Tensor, size: tuple[int, int], grid: CellGrid | None = N
         cells = maps.shape[axis]
         axis_grid = _axis_grid(grid, cells, length)
         # Position of each output pixel's centre, in cells: 0 at the first cell's centre.
-        position = (torch.arange(length, dtype=maps.dtype, device=maps.device) + 0.5 - axis_grid.centres(0, length))
-        position = (position / (axis_grid.step * length / axis_grid.frame)).clamp(0, cells - 1)
+        first, spacing = axis_grid.centres(0, length), axis_grid.centres(1, length) - axis_grid.centres(0, length)
+        position = (torch.arange(length, dtype=maps.dtype, device=maps.device) + 0.5 - first) / spacing
+        position = position.clamp(0, cells - 1)
         lower = position.floor().long()
         upper = (lower + 1).clamp(max=cells - 1)
         shape = [length if dim == maps.ndim + axis else 1 for dim in range(maps.ndim)]
@@ -160,10 +171,7 @@ def peak_points(maps: np.ndarray, image_size: int | tuple[int, int], grid: CellG
     out_height, out_width = (image_size, image_size) if np.isscalar(image_size) else image_size
     _, flat = normalise_maps(maps)
     flat_index = maps.reshape(count, -1).argmax(axis=1)
-    rows, cols = (flat_index // width).astype(np.float64), (flat_index % width).astype(np.float64)
-    row_grid = _axis_grid(grid, height, out_height)
-    col_grid = _axis_grid(grid, width, out_width)
-    points = np.stack([row_grid.centres(rows, out_height), col_grid.centres(cols, out_width)], axis=1)
+    points = cell_centre_points(flat_index // width, flat_index % width, (height, width), (out_height, out_width), grid)
     points[flat] = np.nan
     return points
 
@@ -525,9 +533,7 @@ def cells_in_boxes(truth: np.ndarray, case_of_truth: np.ndarray, count: int, map
     case with probability equal to the share (a box smaller than a cell may hold no cell centre)."""
     height, width = map_size
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    row_grid = _axis_grid(grid, height, image_size)
-    col_grid = _axis_grid(grid, width, image_size)
-    centres = np.stack([row_grid.centres(rows.ravel(), image_size), col_grid.centres(cols.ravel(), image_size)], axis=1)
+    centres = cell_centre_points(rows.ravel(), cols.ravel(), map_size, (image_size, image_size), grid)
     inside = points_in_boxes(np.repeat(centres, len(truth), axis=0), np.tile(truth, (len(centres), 1)))
     inside = inside.reshape(len(centres), len(truth))  # [cells, G]
     cell_hits_case = np.zeros((len(centres), count), dtype=bool)

@@ -34,7 +34,7 @@ import torch
 
 from datasets import EvalTransform
 from model import paired_similarity_maps
-from utils.localisation import box_iobb, high_activation_boxes, points_in_boxes, upsample_maps
+from utils.localisation import box_iobb, cell_centre_points, high_activation_boxes, points_in_boxes, upsample_maps
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,8 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     largest_lesion = np.zeros(len(chosen))
     np.maximum.at(largest_lesion, owner, truth[:, 2] * truth[:, 3])
 
-    points = grid.centres(location[chosen].astype(np.float64), image_size)  # (row, col) cells -> (y, x) pixels
+    rows, cols = location[chosen].T
+    points = cell_centre_points(rows, cols, maps.shape[-2:], (image_size, image_size), grid)
     iobb, inside = grounding_scores(np.concatenate(high_boxes), points, truth, owner, len(chosen))
     in_foreign = points_in_owned_boxes(points, foreign, foreign_owner, len(chosen))
     result["evaluable"][chosen] = True

@@ -54,6 +54,18 @@ def test_run_metrics_read_every_figure_of_the_table():
     assert ablation.run_metrics({"test": {"mean_auc": 0.5, "auc": {}}})["test_pointing_cipl"] is None
 
 
+def test_peak_distance_averages_each_class_offset_length():
+    # Two classes shifted in opposite directions: their signed offsets cancel, their distances do not.
+    # A class whose peak was never located (nan) does not count; no per-class offsets, no figure.
+    per_class = {"Mass": {"peak_offset_y": -6.0, "peak_offset_x": 8.0},
+                 "Nodule": {"peak_offset_y": 3.0, "peak_offset_x": -4.0},
+                 "Effusion": {"peak_offset_y": float("nan"), "peak_offset_x": float("nan")}}
+    results = fake_results(0.8, 0.7, 0.6)
+    results["localisation"]["methods"]["cipl"]["per_class"] = per_class
+    assert ablation.run_metrics(results)["test_peak_distance_cipl"] == pytest.approx(7.5)
+    assert ablation.run_metrics(fake_results(0.8, 0.7, 0.6))["test_peak_distance_cipl"] is None
+
+
 def test_table_from_finished_runs(tmp_path, capsys):
     values = {"full": [(0.80, 0.75, 0.6), (0.82, 0.74, 0.7), (0.81, 0.76, 0.6)],
               "none": [(0.78, 0.70, 0.4), (0.79, 0.70, 0.5), (0.80, 0.73, 0.5)]}

@@ -108,9 +108,9 @@ def test_tiny_backbone_sees_a_local_window_and_has_no_border_position_code():
         torch.nn.Conv2d(m.in_channels, m.out_channels, 3, m.stride, 1, bias=False) if isinstance(m, torch.nn.Conv2d) else m
         for m in backbone]).eval()
     with torch.no_grad():
-        for original, copy in zip(backbone, zero_padded):
+        for original, twin in zip(backbone, zero_padded):
             if isinstance(original, torch.nn.Conv2d):
-                copy.weight.copy_(original.weight)
+                twin.weight.copy_(original.weight)
         zeros = zero_padded(torch.full((1, 3, 128, 128), 0.7))
     assert (zeros[..., 0, 0] - zeros[..., 8, 8]).abs().max() > 1e-3  # the control does see the border
     # Receptive field: an interior cell depends on a window of TinyBackbone.RECEPTIVE_FIELD pixels only.

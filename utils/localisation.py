@@ -47,7 +47,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
 from torch import Tensor, nn
 from tqdm import tqdm

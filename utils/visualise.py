@@ -304,6 +304,7 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
     distance = model.prototype_source_distance.cpu().numpy()
     boxes_of = getattr(dataset, "boxes", None) or {}
     dim = model.prototype_dim
+    grid = model.cell_grid(image_size)
     order = list(prototypes)
     try:
         for start in range(0, len(order), batch_size):
@@ -313,7 +314,7 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
             features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
             similarity = paired_similarity_maps(features[torch.as_tensor(inverse, device=device)],
                                                 model.prototypes[torch.as_tensor(chosen, device=device)], dim)
-            maps = similarity_images(similarity, [raw[i].shape[:2] for i in inverse], model.cell_grid(image_size))
+            maps = similarity_images(similarity, [raw[i].shape[:2] for i in inverse], grid)
             boxes = high_activation_boxes(np.stack(maps)) if len({m.shape for m in maps}) == 1 else np.concatenate(
                 [high_activation_boxes(m[None]) for m in maps]
             )

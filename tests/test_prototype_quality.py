@@ -89,6 +89,34 @@ def test_selectivity_matches_a_loop_reference():
     np.testing.assert_allclose(pq.prototype_selectivity(scores, targets, prototype_class), expected)
 
 
+def test_unselective_prototypes_are_named_by_class_and_no_finding_is_left_out(caplog):
+    # Classes A, B, No Finding with three prototypes each; test images: two with A, one with B, one normal.
+    prototype_class = np.repeat([0, 1, 2], 3)
+    targets = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    scores = np.full((4, 9), 0.99)  # by default every prototype fires on everything
+    scores[:, 1] = [0.9, 0.8, 0.3, 0.2]  # A's prototype 1: selective (0.85 - 0.25 = 0.6)
+    scores[:, 2] = [0.9, 0.9, 0.86, 0.86]  # A's prototype 2: 0.04, just below the threshold
+    scores[:, 3:6] = [[0.3] * 3, [0.3] * 3, [0.9] * 3, [0.3] * 3]  # all of B's selective
+    selectivity = pq.prototype_selectivity(scores, targets, prototype_class)
+    message = pq.unselective_message(selectivity, prototype_class, ["A", "B", "No Finding"], no_finding_index=2)
+    assert message.startswith("2 of 6 disease prototypes match images with and without their class alike")
+    assert "A 0, 2." in message and "B " not in message and "No Finding" not in message
+
+    assert pq.unselective_message(selectivity[3:6], prototype_class[3:6], ["A", "B", "No Finding"], 2) is None
+    # NaN (a class without negatives in the images) is not flagged.
+    assert pq.unselective_message(np.full(9, np.nan), prototype_class, ["A", "B", "No Finding"], 2) is None
+
+    model = model_with_provenance(np.arange(18).reshape(9, 2), np.arange(9), per_class=3)
+    unboxed = TwoBoxImages()
+    unboxed.boxes = {}  # selectivity needs no boxes
+    with caplog.at_level(logging.WARNING, logger="utils.prototype_quality"):
+        report = pq.evaluate_prototype_quality(model, unboxed, 50, "cpu", test_scores=scores, test_targets=targets)
+    assert [r.getMessage() for r in caplog.records if "alike" in r.getMessage()] == [message]
+    assert report["overall"]["unselective_prototypes"] == [0, 2]
+    assert [report["per_class"][name].get("unselective") for name in ("A", "B", "No Finding")] == [2, 0, None]
+    assert "(2 below 0.05)" in pq.format_quality(report)
+
+
 # -- grounding ---------------------------------------------------------------------------------------
 def test_grounding_scores_take_the_best_box_and_the_cell_centre():
     boxes = np.array([[0, 0, 10, 10], [20, 20, 10, 10], [0, 0, 4, 4]], dtype=float)

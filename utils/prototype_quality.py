@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 COLLAPSE_SHARE = 0.25  # more than this share of a class's prototypes on one location or image
 GROUNDING_IOBB = 0.5
 HIGH_ACTIVATION_SHARE = 0.05  # the 95th-percentile region covers 5% of the image
+# A disease prototype whose selectivity is below this matches images with and without its class alike.
+# In six of the README's twelve 2400-anchor synthetic runs the disease prototypes fall into two groups:
+# those that score close to 1 on every test image, selectivity -0.004 to 0.031, and the rest, 0.064 and up.
+UNSELECTIVE_BELOW = 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +152,24 @@ def prototype_selectivity(scores: np.ndarray, targets: np.ndarray, prototype_cla
         on_positive = (scores * positive).sum(axis=0) / positives
         on_negative = (scores * negative).sum(axis=0) / negatives
     return np.where((positives > 0) & (negatives > 0), on_positive - on_negative, np.nan)
+
+
+def unselective_message(selectivity: np.ndarray, prototype_class: np.ndarray, class_names: list[str],
+                        no_finding_index: int) -> str | None:
+    """One line naming, per disease class, the prototypes below UNSELECTIVE_BELOW; None if there are none.
+
+    No Finding's prototypes are left out: the reference head's score is meant to be high everywhere."""
+    selectivity = np.asarray(selectivity, np.float64)
+    prototype_class = np.asarray(prototype_class)
+    flagged = (selectivity < UNSELECTIVE_BELOW) & (prototype_class != no_finding_index)  # NaN compares False
+    if not flagged.any():
+        return None
+    disease_count = int(np.isfinite(selectivity[prototype_class != no_finding_index]).sum())
+    parts = [f"{class_names[c]} {', '.join(str(j) for j in np.flatnonzero(flagged & (prototype_class == c)))}"
+             for c in np.unique(prototype_class[flagged])]
+    return (f"{int(flagged.sum())} of {disease_count} disease prototypes match images with and without their class "
+            f"alike (selectivity < {UNSELECTIVE_BELOW:g}; by class, prototype numbers): {'; '.join(parts)}. "
+            "They add about the same to every image's logit and explain nothing; see README 'Prototype quality'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +332,8 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
             entry["mean_iobb"] = _mean_or_none(grounding["iobb"][evaluable])
         if selectivity is not None:
             entry["selectivity"] = _mean_or_none(selectivity[members])
+            if class_index != model.no_finding_index:
+                entry["unselective"] = int((selectivity[members] < UNSELECTIVE_BELOW).sum())
         per_class[name] = entry
     pushed = int(diversity["prototypes"].sum())
     source = model.prototype_source_index.cpu().numpy()
@@ -332,6 +356,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
     if selectivity is not None:
         overall["selectivity"] = _mean_or_none(selectivity[disease])
         overall["selectivity_no_finding"] = _mean_or_none(selectivity[~disease])
+        overall["unselective_prototypes"] = np.flatnonzero(disease & (selectivity < UNSELECTIVE_BELOW)).tolist()
     return dict(per_class=per_class, overall=overall)
 
 
@@ -353,12 +378,17 @@ def warn_if_collapsed(model, image_ids: list[str] | None = None) -> dict[str, np
 def evaluate_prototype_quality(model, train, image_size: int, device, batch_size: int = 32,
                                test_scores: np.ndarray | None = None, test_targets: np.ndarray | None = None) -> dict:
     """The whole ``prototypes`` section: diversity and grounding from the training split the prototypes
-    were pushed onto, selectivity from held-out images' scores [N, P] and targets [N, K] when given."""
+    were pushed onto, selectivity from held-out images' scores [N, P] and targets [N, K] when given (and
+    then a warning line naming the disease prototypes that match every image alike)."""
     diversity = model_diversity(model)
     grounding = prototype_grounding(model, train, image_size, device, batch_size)
     selectivity = None
     if test_scores is not None and test_targets is not None:
         selectivity = prototype_selectivity(test_scores, test_targets, model.prototype_class.cpu().numpy())
+        message = unselective_message(selectivity, model.prototype_class.cpu().numpy(), model.class_names,
+                                      model.no_finding_index)
+        if message:
+            logger.warning("%s", message)
     return quality_report(model, diversity, grounding, selectivity)
 
 
@@ -367,6 +397,8 @@ def quality_scalars(report: dict) -> dict[str, float]:
     scalars = {key: float(value) for key, value in report["overall"].items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     scalars["collapsed_classes"] = float(len(report["overall"]["collapsed_classes"]))
+    if report["overall"].get("unselective_prototypes") is not None:
+        scalars["unselective_prototypes"] = float(len(report["overall"]["unselective_prototypes"]))
     for name, entry in report["per_class"].items():
         for key in ("distinct_locations", "largest_location_share", "grounded", "at_lesion", "on_other_lesion", "selectivity"):
             if entry.get(key) is not None:
@@ -388,8 +420,10 @@ def format_quality(report: dict) -> str:
                      f"{number(entry.get('grounding_reachable')):>9} {number(entry.get('at_lesion')):>9} "
                      f"{number(entry.get('on_other_lesion')):>6} {number(entry.get('selectivity')):>7}")
     overall = report["overall"]
+    flagged = overall.get("unselective_prototypes")
+    unselective = "" if flagged is None else f" ({len(flagged)} below {UNSELECTIVE_BELOW:g})"
     lines.append(f"overall: grounded {number(overall.get('grounded'))} (reachable {number(overall.get('grounding_reachable'))}), "
                  f"at lesion {number(overall.get('at_lesion'))} (on another disease's {number(overall.get('on_other_lesion'))}), "
-                 f"selectivity {number(overall.get('selectivity'))}, collapsed classes: "
+                 f"selectivity {number(overall.get('selectivity'))}{unselective}, collapsed classes: "
                  f"{', '.join(overall['collapsed_classes']) or 'none'}")
     return "\n".join(lines)

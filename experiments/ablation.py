@@ -89,6 +89,11 @@ def _peak_distance(localisation: dict | None, method: str) -> float | None:
     return float(np.mean(lengths)) if lengths else None
 
 
+def _count(items: list | None) -> float | None:
+    """How many there are; None for a run scored before the figure existed."""
+    return None if items is None else float(len(items))
+
+
 def run_metrics(results: dict) -> dict[str, float | None]:
     """The table's figures of one run, from its results.json."""
     test, decorrelated = results.get("test"), results.get("test_decorrelated")
@@ -109,6 +114,7 @@ def run_metrics(results: dict) -> dict[str, float | None]:
         "on_other_lesion": prototypes.get("on_other_lesion"),
         "selectivity": prototypes.get("selectivity"),
         "largest_location_share": prototypes.get("largest_location_share"),
+        "unselective": _count(prototypes.get("unselective_prototypes")),
         "val_auc": results.get("val", {}).get("mean_auc"),
     }
 
@@ -129,6 +135,7 @@ METRIC_TITLES = {
     "on_other_lesion": "... onto another disease's lesion instead",
     "selectivity": "prototype selectivity (test)",
     "largest_location_share": "largest share of a class's prototypes on one cell",
+    "unselective": "disease prototypes that match every image alike (selectivity < 0.05)",
     "val_auc": "validation: mean AUC (selection)",
 }
 

@@ -141,6 +141,9 @@ def run(args: argparse.Namespace) -> Path:
         (staging / "gallery").mkdir()
         entries = {record["prototype"]: dict(record, location=list(record["location"]), box=None, truth_boxes=None,
                                              source_image_size=None, similarity=None, files=None) for record in records}
+        unselective = set(quality["overall"].get("unselective_prototypes") or ())
+        for record in entries.values():
+            record["unselective"] = record["prototype"] in unselective
         gallery: dict[int, list[GalleryEntry]] = {c: [] for c in range(model.num_classes)}
         views = iter_prototype_views(model, train, config.image_size, batch_size=min(batch_size, 16))
         pushed = int((model.prototype_source_index >= 0).sum())
@@ -158,7 +161,8 @@ def run(args: argparse.Namespace) -> Path:
             )
             gallery[view.class_index].append(GalleryEntry.of(view))
         for class_index, class_name in enumerate(model.class_names):
-            gallery_figure(class_name, gallery[class_index], staging / "gallery" / f"{slug(class_name)}.png")
+            gallery_figure(class_name, gallery[class_index], staging / "gallery" / f"{slug(class_name)}.png",
+                           unselective=unselective)
         atomic_write_json(staging / MARKER, dict(
             checkpoint=str(checkpoint.resolve()),
             pushed_checkpoint=str(target.resolve()) if target is not None else None,

@@ -13,7 +13,7 @@ from datasets import EvalTransform, TransformedDataset, build_datasets
 from model import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.projection import push_prototypes, warn_about_unused
-from utils.visualise import TRUTH_COLOUR
+from utils.visualise import TRUTH_COLOUR, UNSELECTIVE_TITLE_COLOUR, GalleryEntry, gallery_figure
 
 
 def spread_model(config):
@@ -171,6 +171,8 @@ def test_push_script_writes_gallery_json_and_a_new_checkpoint(tmp_path, tiny_set
         assert magenta == bool(own), entry["prototype"]
         with_truth += bool(own)
     assert with_truth >= 3, "too few prototypes on an image with a box of their class to test the boxes"
+    flagged = listing["quality"]["overall"]["unselective_prototypes"]
+    assert [entry["prototype"] for entry in entries if entry["unselective"]] == flagged
     galleries = sorted(p.name for p in (out / "gallery").iterdir())
     assert galleries == sorted(f"{push.slug(name)}.png" for name in model.class_names)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
@@ -215,3 +217,13 @@ def test_push_script_refuses_bad_input_and_leaves_nothing(tmp_path, tiny_setup, 
     assert code != 0 and "non-empty folder" in error
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
     assert not out.exists() and not (tmp_path / "unpushed_pushed.pt").exists()
+
+
+def test_gallery_titles_an_unselective_prototype_in_red(tmp_path):
+    picture = np.zeros((40, 40, 3), np.uint8)
+    views = [GalleryEntry(prototype=j, class_index=0, image_id=f"img{j}", location=(1, 2), distance=0.5, similarity=0.99,
+                          picture=picture, patch=picture[:10, :10]) for j in (3, 4)]
+    figure = gallery_figure("Mass", views, tmp_path / "mass.png", unselective={4})
+    titles = {axis.get_title(): axis.title.get_color() for axis in figure.axes if axis.get_title().startswith("prototype")}
+    assert titles == {"prototype 3": "black", "prototype 4: matches every image": UNSELECTIVE_TITLE_COLOUR}
+    assert (tmp_path / "mass.png").stat().st_size > 0

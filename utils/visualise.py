@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -358,9 +358,16 @@ def _show(axis, image: np.ndarray, title: str = "", fontsize: float = 9) -> None
         axis.set_title(title, fontsize=fontsize)
 
 
-def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry], path: Path, columns: int = 4) -> None:
+UNSELECTIVE_TITLE_COLOUR = "#c00000"
+
+
+def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry], path: Path, columns: int = 4,
+                   unselective: Collection[int] = ()) -> Figure:
     """One class's prototypes: per prototype its annotated source image and its patch, captioned with
-    the prototype index, the source image id, the feature-map location and the similarity at push."""
+    the prototype index, the source image id, the feature-map location and the similarity at push.
+    Prototypes in ``unselective`` (they match images with and without their class alike; see
+    utils.prototype_quality) are titled so in red, so that no one reads them as evidence. Returns the
+    figure it saved."""
     count = max(1, len(views))
     columns = max(1, min(columns, count))
     rows = (count + columns - 1) // columns
@@ -379,7 +386,11 @@ def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry
         patch_axis = figure.add_subplot(grid[row, 2 * column + 1])
         _show(source_axis, view.picture)
         _show(patch_axis, square_pad(view.patch))
-        source_axis.set_title(f"prototype {view.prototype}", fontsize=10, fontweight="bold")
+        if view.prototype in unselective:
+            source_axis.set_title(f"prototype {view.prototype}: matches every image", fontsize=10, fontweight="bold",
+                                  color=UNSELECTIVE_TITLE_COLOUR)
+        else:
+            source_axis.set_title(f"prototype {view.prototype}", fontsize=10, fontweight="bold")
         patch_axis.set_title(f"similarity at push {view.similarity:.3f}", fontsize=9)
         source_axis.set_xlabel(f"{view.image_id} @ {view.location}", fontsize=8)
         patch_axis.set_xlabel(f"d = {view.distance:.3g}", fontsize=8)
@@ -388,6 +399,7 @@ def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry
         axis.axis("off")
         axis.text(0, 0.5, "no pushed prototypes", fontsize=12)
     figure.savefig(path)
+    return figure
 
 
 @dataclass

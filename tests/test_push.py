@@ -225,5 +225,5 @@ def test_gallery_titles_an_unselective_prototype_in_red(tmp_path):
                           picture=picture, patch=picture[:10, :10]) for j in (3, 4)]
     figure = gallery_figure("Mass", views, tmp_path / "mass.png", unselective={4})
     titles = {axis.get_title(): axis.title.get_color() for axis in figure.axes if axis.get_title().startswith("prototype")}
-    assert titles == {"prototype 3": "black", "prototype 4: matches every image": UNSELECTIVE_TITLE_COLOUR}
+    assert titles == {"prototype 3": "black", "prototype 4: matches all": UNSELECTIVE_TITLE_COLOUR}
     assert (tmp_path / "mass.png").stat().st_size > 0

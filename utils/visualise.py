@@ -366,7 +366,7 @@ def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry
     """One class's prototypes: per prototype its annotated source image and its patch, captioned with
     the prototype index, the source image id, the feature-map location and the similarity at push.
     Prototypes in ``unselective`` (they match images with and without their class alike; see
-    utils.prototype_quality) are titled so in red, so that no one reads them as evidence. Returns the
+    utils.prototype_quality) are titled "matches all" in red, so that no one reads them as evidence. Returns the
     figure it saved."""
     count = max(1, len(views))
     columns = max(1, min(columns, count))
@@ -387,7 +387,7 @@ def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry
         _show(source_axis, view.picture)
         _show(patch_axis, square_pad(view.patch))
         if view.prototype in unselective:
-            source_axis.set_title(f"prototype {view.prototype}: matches every image", fontsize=10, fontweight="bold",
+            source_axis.set_title(f"prototype {view.prototype}: matches all", fontsize=10, fontweight="bold",
                                   color=UNSELECTIVE_TITLE_COLOUR)
         else:
             source_axis.set_title(f"prototype {view.prototype}", fontsize=10, fontweight="bold")

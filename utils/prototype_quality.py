@@ -154,14 +154,18 @@ def prototype_selectivity(scores: np.ndarray, targets: np.ndarray, prototype_cla
     return np.where((positives > 0) & (negatives > 0), on_positive - on_negative, np.nan)
 
 
+def unselective_prototypes(selectivity: np.ndarray, prototype_class: np.ndarray, no_finding_index: int) -> np.ndarray:
+    """[P] bool: the disease prototypes whose selectivity is below UNSELECTIVE_BELOW (NaN is not flagged).
+    No Finding's prototypes are left out: the reference head's score is meant to be high everywhere."""
+    return (np.asarray(selectivity, np.float64) < UNSELECTIVE_BELOW) & (np.asarray(prototype_class) != no_finding_index)
+
+
 def unselective_message(selectivity: np.ndarray, prototype_class: np.ndarray, class_names: list[str],
                         no_finding_index: int) -> str | None:
-    """One line naming, per disease class, the prototypes below UNSELECTIVE_BELOW; None if there are none.
-
-    No Finding's prototypes are left out: the reference head's score is meant to be high everywhere."""
+    """One line naming, per disease class, the :func:`unselective_prototypes`; None if there are none."""
     selectivity = np.asarray(selectivity, np.float64)
     prototype_class = np.asarray(prototype_class)
-    flagged = (selectivity < UNSELECTIVE_BELOW) & (prototype_class != no_finding_index)  # NaN compares False
+    flagged = unselective_prototypes(selectivity, prototype_class, no_finding_index)
     if not flagged.any():
         return None
     disease_count = int(np.isfinite(selectivity[prototype_class != no_finding_index]).sum())
@@ -314,6 +318,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
     """The ``prototypes`` section of results.json / prototypes.json: per class and overall."""
     classes = model.prototype_class.cpu().numpy()
     disease = classes != model.no_finding_index
+    unselective = None if selectivity is None else unselective_prototypes(selectivity, classes, model.no_finding_index)
     per_class = {}
     for class_index, name in enumerate(model.class_names):
         members = classes == class_index
@@ -333,7 +338,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
         if selectivity is not None:
             entry["selectivity"] = _mean_or_none(selectivity[members])
             if class_index != model.no_finding_index:
-                entry["unselective"] = int((selectivity[members] < UNSELECTIVE_BELOW).sum())
+                entry["unselective"] = int(unselective[members].sum())
         per_class[name] = entry
     pushed = int(diversity["prototypes"].sum())
     source = model.prototype_source_index.cpu().numpy()
@@ -356,7 +361,7 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
     if selectivity is not None:
         overall["selectivity"] = _mean_or_none(selectivity[disease])
         overall["selectivity_no_finding"] = _mean_or_none(selectivity[~disease])
-        overall["unselective_prototypes"] = np.flatnonzero(disease & (selectivity < UNSELECTIVE_BELOW)).tolist()
+        overall["unselective_prototypes"] = np.flatnonzero(unselective).tolist()
     return dict(per_class=per_class, overall=overall)
 
 
@@ -384,9 +389,9 @@ def evaluate_prototype_quality(model, train, image_size: int, device, batch_size
     grounding = prototype_grounding(model, train, image_size, device, batch_size)
     selectivity = None
     if test_scores is not None and test_targets is not None:
-        selectivity = prototype_selectivity(test_scores, test_targets, model.prototype_class.cpu().numpy())
-        message = unselective_message(selectivity, model.prototype_class.cpu().numpy(), model.class_names,
-                                      model.no_finding_index)
+        classes = model.prototype_class.cpu().numpy()
+        selectivity = prototype_selectivity(test_scores, test_targets, classes)
+        message = unselective_message(selectivity, classes, model.class_names, model.no_finding_index)
         if message:
             logger.warning("%s", message)
     return quality_report(model, diversity, grounding, selectivity)

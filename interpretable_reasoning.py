@@ -10,7 +10,9 @@ first, --rows of them; the others are summed in one line): the test image with t
 similarity map (0.7 image + 0.3 jet, white 0.65 contour, yellow high-activation box; ground-truth
 boxes magenta) | the prototype's training patch | max similarity x last-layer weight = contribution.
 The contributions sum to the class logit l_c the model computes, and P(c) = sigma(l_c - l_NF).
-reasoning.json holds the same numbers. The output folder (default reasoning-<image name>) is written
+A prototype that matched test images with and without its class alike when the checkpoint was
+tested (main.py's final test, push.py) is titled "matches all" in red: it adds about the same to
+every image and explains nothing. reasoning.json holds the same numbers. The output folder (default reasoning-<image name>) is written
 all at once, after every input has been checked and every number computed.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,8 +209,10 @@ def predict_files(model, paths: list[Path], image_size: int, batch_size: int, ch
 # Figure data
 # ----------------------------------------------------------------------------------------------
 def reasoning_blocks(model, explanation: Explanation, test: TestImage, classes: list[int], rows: int, train,
-                     image_size: int) -> tuple[list[ReasoningBlock], dict]:
-    """Figure blocks and the reasoning.json record of the chosen classes."""
+                     image_size: int, unselective: Collection[int] | None = None) -> tuple[list[ReasoningBlock], dict]:
+    """Figure blocks and the reasoning.json record of the chosen classes. ``unselective``: the prototypes
+    the checkpoint records as matching test images with and without their class alike (None: no record)."""
+    flagged = set(unselective or ())
     prototype_class = model.prototype_class.cpu().numpy()
     nf = model.no_finding_index
     own = {c: sorted(np.flatnonzero(prototype_class == c).tolist(), key=lambda j: -explanation.scores[j]) for c in classes}
@@ -244,6 +249,7 @@ def reasoning_blocks(model, explanation: Explanation, test: TestImage, classes: 
                 test_box=tuple(boxes[drawn_slot[j]]),
                 patch=views[j].patch,
                 source_id=views[j].image_id,
+                unselective=j in flagged,
             ) for j in shown[c]],
             hidden_count=len(hidden),
             hidden_contribution=float(contributions[hidden].sum()),
@@ -270,6 +276,7 @@ def reasoning_blocks(model, explanation: Explanation, test: TestImage, classes: 
                 test_box=[float(v) for v in boxes[drawn_slot[j]]] if j in shown[c] else None,
                 source_image_id=views[j].image_id if j in views else None,
                 source_location=model.prototype_source_location[j].tolist(),
+                unselective=None if unselective is None else j in flagged,
             ) for j in own[c]],
         ))
     return blocks, dict(classes=records)
@@ -322,7 +329,8 @@ def run(args: argparse.Namespace) -> Path:
                 logger.warning("boxes file %s has no boxes for %s", args.boxes, test.name)
         explanation = explain(model, EvalTransform(config.image_size)(test.image))
         classes = choose_classes(model, explanation, args.classes, args.top_k)
-        blocks, record = reasoning_blocks(model, explanation, test, classes, args.rows, splits.train, config.image_size)
+        blocks, record = reasoning_blocks(model, explanation, test, classes, args.rows, splits.train, config.image_size,
+                                          state.get("unselective_prototypes"))
         disease_names = model.class_names[:-1]
         record = dict(
             image=args.image,

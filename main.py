@@ -324,6 +324,8 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
     with local_only():  # localisation and figures: rank 0 alone, no collectives
         add_interpretation(results, trainer, splits, test_scores)
         atomic_write_json(run_dir / "results.json", json_safe(results))
+        if best_model is not None:
+            record_unselective_prototypes(run_dir / "checkpoints" / "best.pt", results["prototypes"])
         logger.info("best model (%s): val mean AUC %.4f, test mean AUC %.4f",
                     best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
         logger.info("wrote %s", run_dir / "results.json")
@@ -331,6 +333,17 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
         if trainer.board is not None:
             trainer.board.log_final(results, run_dir / "roc.png", trainer.global_step)
     return results
+
+
+def record_unselective_prototypes(checkpoint: Path, quality: dict) -> None:
+    """Write into ``checkpoint`` the prototypes its final test found matching images with and without their
+    class alike (``unselective_prototypes``), so that interpretable_reasoning.py can mark them."""
+    flagged = quality["overall"].get("unselective_prototypes")
+    if flagged is None:  # the test split gave no selectivity
+        return
+    state = load_checkpoint(checkpoint)
+    state.pop("path")
+    save_checkpoint(checkpoint, dict(state, unselective_prototypes=flagged))
 
 
 def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: bool = True) -> Path:

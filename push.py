@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> Path:
         ))
         if target is not None:
             pushed_state = {key: value for key, value in state.items() if key != "path"}
-            pushed_state.update(model=model.state_dict(), prototype_provenance=records, pushed_from=str(checkpoint.resolve()))
+            pushed_state.update(model=model.state_dict(), prototype_provenance=records, pushed_from=str(checkpoint.resolve()),
+                                unselective_prototypes=quality["overall"].get("unselective_prototypes"))
             save_checkpoint(target, pushed_state)
             logger.info("saved the pushed model to %s", target)
     logger.info("wrote %d prototype pictures and %d galleries to %s", pushed, model.num_classes, out)

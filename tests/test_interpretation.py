@@ -13,10 +13,10 @@ from data.images import read_image
 from datasets import EvalTransform, TransformedDataset, build_datasets
 from model import CIPL, build_model, disease_probabilities
 from test_sources import write_dicom
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.plots import write_roc, write_training_curves
 from utils.projection import push_prototypes
-from utils.visualise import save_png
+from utils.visualise import UNSELECTIVE_TITLE_COLOUR, ReasoningBlock, ReasoningRow, reasoning_figure, save_png
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,40 @@ def test_reasoning_figure_and_json_carry_the_model_numbers(pushed, tmp_path, cap
     assert similarities == sorted(similarities, reverse=True)
     assert block["ground_truth"] is True and len(block["ground_truth_boxes"]) >= 1
     assert record["probabilities"] == pytest.approx(dict(zip(test.disease_names, expected_probabilities.tolist())), abs=1e-6)
+    assert all(p["unselective"] is None for p in block["prototypes"])  # this checkpoint was never tested
+
+
+def test_reasoning_marks_the_prototypes_the_checkpoint_records_as_unselective(pushed, tmp_path, capsys):
+    test = pushed["splits"].test
+    index = next(i for i, boxes in test.boxes.items() if boxes)
+    class_name = test.class_names[test.boxes[index][0][0]]
+    state = load_checkpoint(pushed["path"])
+    own = [j for j, c in enumerate(pushed["model"].prototype_class.tolist()) if test.class_names[c] == class_name]
+    flagged = own[-1]
+    state.pop("path")
+    save_checkpoint(tmp_path / "tested.pt", dict(state, unselective_prototypes=[flagged]))
+    out = tmp_path / "figure"
+    code, error = run_reasoning(["--checkpoint", str(tmp_path / "tested.pt"), "--image", test.image_ids[index],
+                                 "--classes", class_name, "--rows", str(len(own)), "--out", str(out), "--no-progress"],
+                                capsys)
+    assert code == 0, error
+    block, = json.loads((out / "reasoning.json").read_text())["classes"]
+    assert {p["prototype"]: p["unselective"] for p in block["prototypes"]} == {j: j == flagged for j in own}
+
+
+def test_reasoning_figure_titles_an_unselective_prototype_in_red(tmp_path):
+    picture = np.zeros((40, 40), np.uint8)
+    rows = [ReasoningRow(prototype=j, similarity=0.9, weight=1.0, contribution=0.9, test_map=np.zeros((40, 40)),
+                         test_box=(0, 0, 10, 10), patch=picture[:10, :10], source_id=f"img{j}", unselective=j == 4)
+            for j in (3, 4)]
+    block = ReasoningBlock(class_name="Mass", logit=1.8, reference_logit=0.0, probability=0.86, rows=rows,
+                           hidden_count=0, hidden_contribution=0.0, other_classes_contribution=0.0, truth_boxes=[],
+                           positive=None)
+    figure = reasoning_figure(picture, "t", [block], {"Mass": 0.86}, tmp_path / "r.png")
+    titles = {axis.get_title(): axis.title.get_color() for axis in figure.axes if "prototype" in axis.get_title()}
+    assert titles == {"test image × prototype 3": "black", "prototype 4: matches all": UNSELECTIVE_TITLE_COLOUR}
+    notes = [text for axis in figure.axes for text in axis.texts if text.get_color() == UNSELECTIVE_TITLE_COLOUR]
+    assert len(notes) == 1 and "with and without Mass alike" in notes[0].get_text()
 
 
 def test_predictions_for_a_folder_and_a_list(pushed, tmp_path, capsys):

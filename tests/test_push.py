@@ -173,6 +173,7 @@ def test_push_script_writes_gallery_json_and_a_new_checkpoint(tmp_path, tiny_set
     assert with_truth >= 3, "too few prototypes on an image with a box of their class to test the boxes"
     flagged = listing["quality"]["overall"]["unselective_prototypes"]
     assert [entry["prototype"] for entry in entries if entry["unselective"]] == flagged
+    assert pushed["unselective_prototypes"] == flagged  # what the reasoning figure marks
     galleries = sorted(p.name for p in (out / "gallery").iterdir())
     assert galleries == sorted(f"{push.slug(name)}.png" for name in model.class_names)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"

@@ -72,6 +72,8 @@ def test_full_run_writes_the_output_contract(config_factory):
     # Model selection is among pushed models only, so the best model is grounded.
     best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert (best["model"]["prototype_source_index"] >= 0).all()
+    # ... and after the final test it names the prototypes that matched every image alike, for the reasoning figure.
+    assert best["unselective_prototypes"] == quality["overall"]["unselective_prototypes"]
 
 
 def test_same_seed_same_weights_and_resume_is_exact(config_factory):

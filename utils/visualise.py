@@ -414,6 +414,7 @@ class ReasoningRow:
     test_box: tuple  # its high-activation box on the test image
     patch: np.ndarray  # the prototype's training patch
     source_id: str
+    unselective: bool = False  # matched test images with and without its class alike (prototype_quality)
 
 
 @dataclass
@@ -433,10 +434,11 @@ class ReasoningBlock:
 
 
 def reasoning_figure(image: np.ndarray, title: str, blocks: Sequence[ReasoningBlock], probabilities: dict[str, float],
-                     path: Path, truth_boxes: dict[str, list] | None = None) -> None:
+                     path: Path, truth_boxes: dict[str, list] | None = None) -> Figure:
     """METHOD.md's reasoning figure: an overview (test image with its ground-truth boxes, P(c) of every
     disease), then per class a header with P(c) = sigma(l_c - l_NF), one row per prototype (test-image
-    similarity | training patch | similarity x weight = contribution) and a footer summing to l_c."""
+    similarity | training patch | similarity x weight = contribution) and a footer summing to l_c. A row
+    whose prototype matched test images with and without its class alike is titled and noted in red."""
     heights = [3.2]
     for block in blocks:
         heights += [0.55] + [1.9] * len(block.rows) + [0.5]
@@ -490,7 +492,13 @@ def reasoning_figure(image: np.ndarray, title: str, blocks: Sequence[ReasoningBl
             patch_axis = figure.add_subplot(grid[row, 1])
             text_axis = figure.add_subplot(grid[row, 2])
             _show(test_axis, annotate(image, entry.test_map, entry.test_box, block.truth_boxes),
-                  f"test image × prototype {entry.prototype}", fontsize=9)
+                  f"prototype {entry.prototype}: matches all" if entry.unselective
+                  else f"test image × prototype {entry.prototype}", fontsize=9)
+            if entry.unselective:
+                test_axis.title.set(color=UNSELECTIVE_TITLE_COLOUR, fontweight="bold")
+                text_axis.text(0.04, 0.84, f"matched test images with and without {block.class_name} alike:\n"
+                               "it adds about this much to every image", fontsize=9, color=UNSELECTIVE_TITLE_COLOUR,
+                               va="center", transform=text_axis.transAxes)
             _show(patch_axis, square_pad(entry.patch), f"training patch\n{entry.source_id}", fontsize=8)
             text_axis.axis("off")
             text_axis.text(0.04, 0.5, f"{entry.similarity:.3f} × {entry.weight:.3f} = {entry.contribution:.3f}",
@@ -509,3 +517,4 @@ def reasoning_figure(image: np.ndarray, title: str, blocks: Sequence[ReasoningBl
         footer.text(0.0, 0.5, "    ".join(parts), fontsize=11, transform=footer.transAxes, va="center")
         row += 1
     figure.savefig(path)
+    return figure

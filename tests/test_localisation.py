@@ -109,6 +109,9 @@ def test_peak_offset_is_measured_from_the_nearest_box_centre():
     assert summary["mean"]["peak_offset_y"] == pytest.approx((-6.5 + 3.0) / 2)
     table = loc.format_table(dict(threshold=0.5, cases=4, boxed_images=3, methods={"cipl": summary}))
     assert "peak dy" in table and "-6.5" in table and "+3.0" in table
+    # The distance line averages each class's offset length, so B's offset does not cancel A's.
+    distance = (np.hypot(6.5, 0.5) + np.hypot(3.0, 1.0)) / 2
+    assert f"from its lesion (length of each class's peak dy, dx, mean over classes): CIPL {distance:.1f} px" in table
 
 
 # -- maps from the model ---------------------------------------------------------------------------

@@ -12,8 +12,9 @@ boxes magenta) | the prototype's training patch | max similarity x last-layer we
 The contributions sum to the class logit l_c the model computes, and P(c) = sigma(l_c - l_NF).
 A prototype that matched test images with and without its class alike when the checkpoint was
 tested (main.py's final test, push.py) is titled "matches all" in red: it adds about the same to
-every image and explains nothing. reasoning.json holds the same numbers. The output folder (default reasoning-<image name>) is written
-all at once, after every input has been checked and every number computed.
+every image and explains nothing. reasoning.json holds the same numbers. The output folder (default
+reasoning-<image name>) is written all at once, after every input has been checked and every number
+computed.
 """
 from __future__ import annotations
 

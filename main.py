@@ -323,9 +323,9 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
         return results
     with local_only():  # localisation and figures: rank 0 alone, no collectives
         add_interpretation(results, trainer, splits, test_scores)
-        atomic_write_json(run_dir / "results.json", json_safe(results))
         if best_model is not None:
             record_unselective_prototypes(run_dir / "checkpoints" / "best.pt", results["prototypes"])
+        atomic_write_json(run_dir / "results.json", json_safe(results))  # last: a finished run
         logger.info("best model (%s): val mean AUC %.4f, test mean AUC %.4f",
                     best.get("stage"), results["val"]["mean_auc"], results["test"]["mean_auc"])
         logger.info("wrote %s", run_dir / "results.json")

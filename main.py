@@ -337,13 +337,11 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
 
 def record_unselective_prototypes(checkpoint: Path, quality: dict) -> None:
     """Write into ``checkpoint`` the prototypes its final test found matching images with and without their
-    class alike (``unselective_prototypes``), so that interpretable_reasoning.py can mark them."""
-    flagged = quality["overall"].get("unselective_prototypes")
-    if flagged is None:  # the test split gave no selectivity
-        return
+    class alike (``unselective_prototypes``), so that interpretable_reasoning.py can mark them; None when
+    the test split gave no selectivity, which replaces any older record."""
     state = load_checkpoint(checkpoint)
     state.pop("path")
-    save_checkpoint(checkpoint, dict(state, unselective_prototypes=flagged))
+    save_checkpoint(checkpoint, dict(state, unselective_prototypes=quality["overall"].get("unselective_prototypes")))
 
 
 def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: bool = True) -> Path:

@@ -94,7 +94,7 @@ def test_reasoning_figure_and_json_carry_the_model_numbers(pushed, tmp_path, cap
     assert all(p["unselective"] is None for p in block["prototypes"])  # this checkpoint was never tested
 
 
-def test_reasoning_marks_the_prototypes_the_checkpoint_records_as_unselective(pushed, tmp_path, capsys):
+def test_reasoning_marks_the_prototypes_the_checkpoint_records_as_unselective(pushed, tmp_path, capsys, monkeypatch):
     test = pushed["splits"].test
     index = next(i for i, boxes in test.boxes.items() if boxes)
     class_name = test.class_names[test.boxes[index][0][0]]
@@ -103,6 +103,8 @@ def test_reasoning_marks_the_prototypes_the_checkpoint_records_as_unselective(pu
     flagged = own[-1]
     state.pop("path")
     save_checkpoint(tmp_path / "tested.pt", dict(state, unselective_prototypes=[flagged]))
+    drawn = []
+    monkeypatch.setattr(reasoning, "reasoning_figure", lambda **figure: drawn.append(figure) or reasoning_figure(**figure))
     out = tmp_path / "figure"
     code, error = run_reasoning(["--checkpoint", str(tmp_path / "tested.pt"), "--image", test.image_ids[index],
                                  "--classes", class_name, "--rows", str(len(own)), "--out", str(out), "--no-progress"],
@@ -110,6 +112,8 @@ def test_reasoning_marks_the_prototypes_the_checkpoint_records_as_unselective(pu
     assert code == 0, error
     block, = json.loads((out / "reasoning.json").read_text())["classes"]
     assert {p["prototype"]: p["unselective"] for p in block["prototypes"]} == {j: j == flagged for j in own}
+    rows = drawn[0]["blocks"][0].rows  # and the figure's rows carry the same mark
+    assert {row.prototype: row.unselective for row in rows} == {j: j == flagged for j in own}
 
 
 def test_reasoning_figure_titles_an_unselective_prototype_in_red(tmp_path):

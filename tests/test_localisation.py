@@ -112,6 +112,9 @@ def test_peak_offset_is_measured_from_the_nearest_box_centre():
     # The distance line averages each class's offset length, so B's offset does not cancel A's.
     distance = (np.hypot(6.5, 0.5) + np.hypot(3.0, 1.0)) / 2
     assert f"from its lesion (length of each class's peak dy, dx, mean over classes): CIPL {distance:.1f} px" in table
+    # Read back from results.json, a class that never peaked has null offsets: left out, not a crash.
+    summary["per_class"]["C"] = dict(summary["per_class"]["B"], peak_offset_y=None, peak_offset_x=None)
+    assert loc.peak_distance(dict(methods={"cipl": summary}), "cipl") == pytest.approx(distance)
 
 
 # -- maps from the model ---------------------------------------------------------------------------

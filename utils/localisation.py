@@ -567,9 +567,10 @@ def peak_distance(localisation: dict | None, method: str) -> float | None:
     localisation report or offsets."""
     if not localisation:
         return None
-    lengths = [math.hypot(entry["peak_offset_y"], entry["peak_offset_x"])
-               for entry in localisation["methods"].get(method, {}).get("per_class", {}).values()
-               if math.isfinite(entry.get("peak_offset_y", math.nan)) and math.isfinite(entry.get("peak_offset_x", math.nan))]
+    offsets = [(entry.get("peak_offset_y"), entry.get("peak_offset_x"))
+               for entry in localisation["methods"].get(method, {}).get("per_class", {}).values()]
+    # A class whose maps never peaked has NaN offsets in memory and null ones in results.json.
+    lengths = [math.hypot(y, x) for y, x in offsets if y is not None and x is not None and math.isfinite(y) and math.isfinite(x)]
     return float(np.mean(lengths)) if lengths else None
 
 

@@ -361,6 +361,11 @@ def _show(axis, image: np.ndarray, title: str = "", fontsize: float = 9) -> None
 UNSELECTIVE_TITLE_COLOUR = "#c00000"
 
 
+def _title_unselective(axis, prototype: int, fontsize: float) -> None:
+    """The title of a prototype that matches images with and without its class alike (gallery, reasoning)."""
+    axis.set_title(f"prototype {prototype}: matches all", fontsize=fontsize, fontweight="bold", color=UNSELECTIVE_TITLE_COLOUR)
+
+
 def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry], path: Path, columns: int = 4,
                    unselective: Collection[int] = ()) -> Figure:
     """One class's prototypes: per prototype its annotated source image and its patch, captioned with
@@ -387,8 +392,7 @@ def gallery_figure(class_name: str, views: Sequence[PrototypeView | GalleryEntry
         _show(source_axis, view.picture)
         _show(patch_axis, square_pad(view.patch))
         if view.prototype in unselective:
-            source_axis.set_title(f"prototype {view.prototype}: matches all", fontsize=10, fontweight="bold",
-                                  color=UNSELECTIVE_TITLE_COLOUR)
+            _title_unselective(source_axis, view.prototype, fontsize=10)
         else:
             source_axis.set_title(f"prototype {view.prototype}", fontsize=10, fontweight="bold")
         patch_axis.set_title(f"similarity at push {view.similarity:.3f}", fontsize=9)
@@ -438,7 +442,8 @@ def reasoning_figure(image: np.ndarray, title: str, blocks: Sequence[ReasoningBl
     """METHOD.md's reasoning figure: an overview (test image with its ground-truth boxes, P(c) of every
     disease), then per class a header with P(c) = sigma(l_c - l_NF), one row per prototype (test-image
     similarity | training patch | similarity x weight = contribution) and a footer summing to l_c. A row
-    whose prototype matched test images with and without its class alike is titled and noted in red."""
+    whose prototype matched test images with and without its class alike is titled and noted in red.
+    Returns the figure, for inspection."""
     heights = [3.2]
     for block in blocks:
         heights += [0.55] + [1.9] * len(block.rows) + [0.5]
@@ -492,10 +497,9 @@ def reasoning_figure(image: np.ndarray, title: str, blocks: Sequence[ReasoningBl
             patch_axis = figure.add_subplot(grid[row, 1])
             text_axis = figure.add_subplot(grid[row, 2])
             _show(test_axis, annotate(image, entry.test_map, entry.test_box, block.truth_boxes),
-                  f"prototype {entry.prototype}: matches all" if entry.unselective
-                  else f"test image × prototype {entry.prototype}", fontsize=9)
+                  f"test image × prototype {entry.prototype}", fontsize=9)
             if entry.unselective:
-                test_axis.title.set(color=UNSELECTIVE_TITLE_COLOUR, fontweight="bold")
+                _title_unselective(test_axis, entry.prototype, fontsize=9)
                 text_axis.text(0.04, 0.84, f"matched test images with and without {block.class_name} alike:\n"
                                "it adds about this much to every image", fontsize=9, color=UNSELECTIVE_TITLE_COLOUR,
                                va="center", transform=text_axis.transAxes)

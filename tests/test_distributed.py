@@ -61,8 +61,9 @@ def test_distributed_push_selects_the_same_prototypes(tmp_path):
     script = "tests/scripts/distributed_push.py"
     # torchrun gives each process one thread; so does the single process here, so that the two
     # compute with the same reduction order and can be compared bit for bit.
-    run([sys.executable, script, str(checkpoint), str(tmp_path / "one.pt")], env=dict(os.environ, OMP_NUM_THREADS="1"))
-    run([*TORCHRUN, script, str(checkpoint), str(tmp_path / "two.pt")])
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun sets 1 only where the variable is unset
+    run([sys.executable, script, str(checkpoint), str(tmp_path / "one.pt")], env=one_thread)
+    run([*TORCHRUN, script, str(checkpoint), str(tmp_path / "two.pt")], env=one_thread)
     one = torch.load(tmp_path / "one.pt", weights_only=False)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     assert torch.equal(one["prototypes"], two["prototypes"])

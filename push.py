@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> Path:
         (staging / "gallery").mkdir()
         entries = {record["prototype"]: dict(record, location=list(record["location"]), box=None, truth_boxes=None,
                                              source_image_size=None, similarity=None, files=None) for record in records}
-        unselective = set(quality["overall"].get("unselective_prototypes") or ())
+        flagged = quality["overall"].get("unselective_prototypes")  # None where the test split gave no selectivity
+        unselective = set(flagged or ())
         for record in entries.values():
             record["unselective"] = record["prototype"] in unselective
         gallery: dict[int, list[GalleryEntry]] = {c: [] for c in range(model.num_classes)}
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> Path:
         if target is not None:
             pushed_state = {key: value for key, value in state.items() if key != "path"}
             pushed_state.update(model=model.state_dict(), prototype_provenance=records, pushed_from=str(checkpoint.resolve()),
-                                unselective_prototypes=quality["overall"].get("unselective_prototypes"))
+                                unselective_prototypes=flagged)
             save_checkpoint(target, pushed_state)
             logger.info("saved the pushed model to %s", target)
     logger.info("wrote %d prototype pictures and %d galleries to %s", pushed, model.num_classes, out)

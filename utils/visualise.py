@@ -497,7 +497,7 @@ def reasoning_figure(image: np.ndarray, title: str, blocks: Sequence[ReasoningBl
             patch_axis = figure.add_subplot(grid[row, 1])
             text_axis = figure.add_subplot(grid[row, 2])
             _show(test_axis, annotate(image, entry.test_map, entry.test_box, block.truth_boxes),
-                  f"test image × prototype {entry.prototype}", fontsize=9)
+                  "" if entry.unselective else f"test image × prototype {entry.prototype}", fontsize=9)
             if entry.unselective:
                 _title_unselective(test_axis, entry.prototype, fontsize=9)
                 text_axis.text(0.04, 0.84, f"matched test images with and without {block.class_name} alike:\n"

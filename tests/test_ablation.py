@@ -41,7 +41,8 @@ def fake_results(test_auc: float, decorrelated_auc: float, pointing: float) -> d
                               "localisation": localisation},
         "localisation": localisation,
         "prototypes": {"overall": {"grounded": 0.5, "at_lesion": 0.6, "on_other_lesion": 0.2, "selectivity": 0.1,
-                                   "largest_location_share": 0.25, "unselective_prototypes": [3, 17]}},
+                                   "largest_location_share": 0.25, "unselective_prototypes": [3, 17],
+                                   "centre_cell_grounded": 0.8}},
     }
 
 
@@ -51,7 +52,7 @@ def test_run_metrics_read_every_figure_of_the_table():
     assert metrics["test_pointing_cipl"] == 0.6 and metrics["decorrelated_pointing_gradcam"] == 0.1
     assert metrics["decorrelated_pairs_auc"] == pytest.approx((0.8 * 3 + 0.7) / 4)  # Mass is one of the pairs
     assert metrics["grounded"] == 0.5 and metrics["selectivity"] == 0.1 and metrics["on_other_lesion"] == 0.2
-    assert metrics["unselective"] == 2
+    assert metrics["unselective"] == 2 and metrics["centre_cell_grounded"] == 0.8
     older = ablation.run_metrics({"test": {"mean_auc": 0.5, "auc": {}}})  # a run scored before these figures
     assert older["test_pointing_cipl"] is None and older["unselective"] is None
 

@@ -185,6 +185,67 @@ def test_grounding_on_hand_built_maps(monkeypatch):
     np.testing.assert_array_equal(chunked["iobb"], grounding["iobb"])
 
 
+def test_centre_cell_iobb_on_hand_built_features():
+    """A 40 x 40 frame of 4 x 4 cells (10 px, centres at 5, 15, 25, 35). Image 0 has a distinct feature
+    on the 2 x 2 block of cells (1..2, 1..2): a prototype copied from any of them lights up that block
+    alone. Image 1 is uniform: a prototype from it matches the whole image, so its box is the image."""
+    grid = CellGrid.equal_slices(4, 40)
+    features = torch.zeros(2, 2, 4, 4)
+    features[0, 0, 1:3, 1:3] = 1.0
+    truth = np.array([
+        [10.0, 10.0, 20.0, 20.0],  # the block's lesion, centred at (20, 20): halfway, so cell (2, 2)
+        [12.0, 12.0, 6.0, 6.0],  # same centre cell, but a box much smaller than the lit block
+        [0.0, 0.0, 20.0, 20.0],  # on image 1: the uniform image's box is the whole image, 400 of 1600 px
+        [25.0, 0.0, 10.0, 10.0],  # a corner lesion on image 0: its cell (0, 3) matches all background cells
+    ])
+    iobb = pq.centre_cell_iobb(features, truth, np.array([0, 0, 1, 0]), grid, prototype_dim=2)
+    # The lit block's map is 1 between the centres of its cells, 15..25 px: that 10 x 10 plateau is the
+    # high-activation box (5 % of the frame is 80 px), inside the first lesion and 9 px of it in the second.
+    assert iobb[0] == pytest.approx(1.0)
+    assert iobb[1] == pytest.approx(9 / 100)
+    assert iobb[2] == pytest.approx(400 / 1600)
+    assert iobb[3] == pytest.approx(100 / 1600)  # background matches background: the box is the frame
+    assert len(pq.centre_cell_iobb(features, np.zeros((0, 4)), np.zeros(0), grid, 2)) == 0
+
+
+class MarkedTwoBoxImages(TwoBoxImages):
+    """TwoBoxImages whose pixels say which image they are, so a stand-in network can tell them apart."""
+
+    def load_image(self, index):
+        return np.full((100, 200), 100 * index, np.uint8)
+
+
+def test_centre_cell_grounding_per_class_and_in_the_report(monkeypatch):
+    """As in test_grounding_on_hand_built_maps: a 50 x 50 frame of 5 x 5 cells. Image 0's A box covers
+    cells rows 1..3, cols 2..4, and its features single out exactly those cells: grounded. Image 1's
+    B box is a 5 x 5 px square in the middle of cell (3, 1) of a uniform image: not grounded."""
+    model = CIPL(["A", "B", "No Finding"], backbone="tiny", prototype_dim=2, prototypes_per_class=2)
+    lesion_features = torch.zeros(2, 5, 5)
+    lesion_features[0, 1:4, 2:5] = 1.0
+
+    def fake_features(images):  # image 0 is black, image 1 grey (normalised: about -2.1 and -0.4)
+        grey = images[:, 0, 0, 0] > -1.0
+        return torch.where(grey[:, None, None, None], torch.zeros(2, 5, 5), lesion_features)
+
+    monkeypatch.setattr(model, "extract_features", fake_features)
+    monkeypatch.setattr(model, "cell_grid", lambda size: CellGrid.equal_slices(5, size))
+    centre = pq.centre_cell_grounding(model, MarkedTwoBoxImages(), 50, "cpu")
+    assert centre["lesions"].tolist() == [1, 1, 0]
+    assert centre["grounded"][:2].tolist() == [1.0, 0.0] and np.isnan(centre["grounded"][2])
+
+    report = pq.quality_report(model, pq.model_diversity(model), None, None, centre)
+    assert report["per_class"]["A"]["centre_cell_grounded"] == 1.0
+    assert report["per_class"]["B"]["centre_cell_lesions"] == 1
+    assert "centre_cell_grounded" not in report["per_class"]["No Finding"]
+    assert report["overall"]["centre_cell_grounded"] == pytest.approx(0.5)
+    assert "on each lesion's centre cell 0.500" in pq.format_quality(report)
+    unboxed = MarkedTwoBoxImages()
+    unboxed.boxes = {}
+    assert pq.centre_cell_grounding(model, unboxed, 50, "cpu") is None
+    one_at_a_time = pq.centre_cell_grounding(model, MarkedTwoBoxImages(), 50, "cpu", batch_size=1)
+    np.testing.assert_array_equal(one_at_a_time["grounded"], centre["grounded"])
+
+
 class CompanionImages:
     """One 50 x 50 image holding an A lesion (x 0-20, y 0-20) and a B lesion (x 10-50, y 10-50) that
     overlap in x, y 10-20: cells of 10 px, so cell (0, 0) is A's only, (1, 1) both, (4, 4) B's only."""

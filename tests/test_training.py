@@ -41,6 +41,9 @@ def test_full_run_writes_the_output_contract(config_factory):
     quality = results["prototypes"]
     assert set(quality["per_class"]) == set(diseases) | {"No Finding"}
     assert quality["overall"]["pushed"] == 14 and quality["overall"]["grounding_evaluable"] > 0
+    # ... with what the features would allow: prototypes copied from the lesions' centre cells.
+    assert 0.0 <= quality["overall"]["centre_cell_grounded"] <= 1.0
+    assert all(quality["per_class"][name]["centre_cell_lesions"] > 0 for name in diseases)
     assert all(entry["prototypes"] == 2 and "selectivity" in entry for entry in quality["per_class"].values())
     for localisation in (results["localisation"], results["test_decorrelated"]["localisation"]):
         assert set(localisation["methods"]) == {"cipl", "gradcam"} and localisation["map_size"] == [8, 8]

@@ -19,6 +19,10 @@ overall:
   The box is drawn around the connected part that holds the maximum, which can be smaller than 5%,
   but on a smooth map it rarely is, so a lesion below that size (a single nodule, a thin band) is
   seldom grounded by any model. It is necessary, not sufficient: the box is usually larger than 5%.
+  ``centre_cell_grounded`` measures instead what the model's features allow: for every lesion box of
+  the split, whether a prototype copied from the lesion's centre cell would be grounded. A run that
+  grounds far fewer of its prototypes than that has features that single out the lesions; it is where
+  training left the prototypes, and so where the push put them, that misses.
 * **selectivity** -- per prototype, its mean score max_hw exp(-d/D) on images *with* its class minus on
   images *without* it. A prototype that fires on everything scores ~0.
 
@@ -295,6 +299,74 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
     return result
 
 
+def centre_cell_iobb(features: torch.Tensor, truth: np.ndarray, image_of_truth: np.ndarray, grid,
+                     prototype_dim: int) -> np.ndarray:
+    """For each lesion box, the IoBB that a prototype copied from the cell nearest the box's centre
+    would score: that cell's feature as the prototype, its similarity map on the same image, the
+    high-activation box of it (as :func:`prototype_grounding` draws it), IoBB with the lesion box.
+
+    features [n, D, h, w] of n images, truth [G, 4] (x, y, w, h) in the grid's frame, image_of_truth
+    [G] in 0..n-1, grid the model's :class:`~model.CellGrid` -> [G]. Which cell is nearest is read off
+    the grid: cell k of an axis is centred at ``grid.first + k * grid.step`` pixels; a centre halfway
+    between two cells takes the later one.
+    """
+    height, width = features.shape[-2:]
+    truth = np.asarray(truth, np.float64).reshape(-1, 4)
+    if not len(truth):
+        return np.zeros(0)
+    centre_y, centre_x = truth[:, 1] + truth[:, 3] / 2, truth[:, 0] + truth[:, 2] / 2
+    rows = np.clip(np.floor((centre_y - grid.first) / grid.step + 0.5), 0, height - 1).astype(np.int64)
+    cols = np.clip(np.floor((centre_x - grid.first) / grid.step + 0.5), 0, width - 1).astype(np.int64)
+    images = torch.as_tensor(np.asarray(image_of_truth, np.int64), device=features.device)
+    own = features[images]  # [G, D, h, w]
+    prototypes = own[torch.arange(len(truth), device=features.device), :, torch.as_tensor(rows), torch.as_tensor(cols)]
+    maps = paired_similarity_maps(own, prototypes, prototype_dim)
+    boxes = high_activation_boxes(upsample_maps(maps, (grid.frame, grid.frame), grid).cpu().numpy())
+    return box_iobb(boxes, truth)
+
+
+@torch.no_grad()
+def centre_cell_grounding(model, dataset, image_size: int, device, batch_size: int = 32) -> dict[str, np.ndarray] | None:
+    """How much of the grounding figure the model's *features* allow: for every lesion box of the split
+    (each box of each disease in each image), whether a prototype copied from the lesion's centre cell
+    would be grounded (:func:`centre_cell_iobb` >= 0.5).
+
+    Returns per class (arrays [K]) ``lesions`` (boxes counted) and ``grounded`` (share; NaN without
+    lesions); None when the dataset has no boxes. A run whose prototypes ground far less than this has
+    features that separate the lesions well enough; it is where the prototypes were placed that fails.
+    """
+    boxes_of = getattr(dataset, "boxes", None) or {}
+    if not boxes_of:
+        return None
+    grid = model.cell_grid(image_size)
+    transform = EvalTransform(image_size)
+    hits = np.zeros(model.num_classes)
+    lesions = np.zeros(model.num_classes)
+    images = sorted(boxes_of)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            raw = [dataset.load_image(int(index)) for index in chunk]
+            features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
+            records = [(slot, box) for slot, index in enumerate(chunk) for box in boxes_of[index]]
+            slots = np.array([slot for slot, _ in records], np.int64)
+            classes = np.array([int(box[0]) for _, box in records], np.int64)
+            # Boxes from each image's own pixels into the image_size x image_size frame of the maps.
+            height, width = np.array([raw[slot].shape[:2] for slot in slots], np.float64).T
+            scale = image_size / np.stack([width, height, width, height], axis=1)
+            truth = np.array([box[1:] for _, box in records], np.float64).reshape(-1, 4) * scale
+            grounded = centre_cell_iobb(features, truth, slots, grid, model.prototype_dim) >= GROUNDING_IOBB
+            np.add.at(hits, classes, grounded)
+            np.add.at(lesions, classes, 1)
+    finally:
+        model.train(was_training)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(lesions > 0, hits / np.maximum(lesions, 1), np.nan)
+    return dict(lesions=lesions.astype(np.int64), grounded=share)
+
+
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
@@ -314,8 +386,11 @@ def _grounding_shares(grounding: dict[str, np.ndarray], evaluable: np.ndarray) -
     return {name: _mean_or_none(grounding[key][evaluable]) for name, key in GROUNDING_SHARES}
 
 
-def quality_report(model, diversity: dict, grounding: dict | None, selectivity: np.ndarray | None) -> dict:
-    """The ``prototypes`` section of results.json / prototypes.json: per class and overall."""
+def quality_report(model, diversity: dict, grounding: dict | None, selectivity: np.ndarray | None,
+                   centre_grounding: dict | None = None) -> dict:
+    """The ``prototypes`` section of results.json / prototypes.json: per class and overall.
+    ``centre_grounding`` (:func:`centre_cell_grounding`) adds ``centre_cell_grounded``: per class, and
+    overall as the mean over the disease classes that have lesions."""
     classes = model.prototype_class.cpu().numpy()
     disease = classes != model.no_finding_index
     unselective = None if selectivity is None else unselective_prototypes(selectivity, classes, model.no_finding_index)
@@ -335,6 +410,9 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
             entry["grounding_evaluable"] = int(evaluable.sum())
             entry.update(_grounding_shares(grounding, evaluable))
             entry["mean_iobb"] = _mean_or_none(grounding["iobb"][evaluable])
+        if centre_grounding is not None and class_index != model.no_finding_index:
+            entry["centre_cell_lesions"] = int(centre_grounding["lesions"][class_index])
+            entry["centre_cell_grounded"] = _mean_or_none(centre_grounding["grounded"][class_index : class_index + 1])
         if selectivity is not None:
             entry["selectivity"] = _mean_or_none(selectivity[members])
             if class_index != model.no_finding_index:
@@ -358,6 +436,9 @@ def quality_report(model, diversity: dict, grounding: dict | None, selectivity: 
         evaluable = disease & grounding["evaluable"]
         overall["grounding_evaluable"] = int(evaluable.sum())
         overall.update(_grounding_shares(grounding, evaluable))
+    if centre_grounding is not None:
+        diseases = np.arange(model.num_classes) != model.no_finding_index
+        overall["centre_cell_grounded"] = _mean_or_none(centre_grounding["grounded"][diseases])
     if selectivity is not None:
         overall["selectivity"] = _mean_or_none(selectivity[disease])
         overall["selectivity_no_finding"] = _mean_or_none(selectivity[~disease])
@@ -387,6 +468,7 @@ def evaluate_prototype_quality(model, train, image_size: int, device, batch_size
     then a warning line naming the disease prototypes that match every image alike)."""
     diversity = model_diversity(model)
     grounding = prototype_grounding(model, train, image_size, device, batch_size)
+    centre_grounding = centre_cell_grounding(model, train, image_size, device, batch_size)
     selectivity = None
     if test_scores is not None and test_targets is not None:
         classes = model.prototype_class.cpu().numpy()
@@ -394,7 +476,7 @@ def evaluate_prototype_quality(model, train, image_size: int, device, batch_size
         message = unselective_message(selectivity, classes, model.class_names, model.no_finding_index)
         if message:
             logger.warning("%s", message)
-    return quality_report(model, diversity, grounding, selectivity)
+    return quality_report(model, diversity, grounding, selectivity, centre_grounding)
 
 
 def quality_scalars(report: dict) -> dict[str, float]:
@@ -405,16 +487,19 @@ def quality_scalars(report: dict) -> dict[str, float]:
     if report["overall"].get("unselective_prototypes") is not None:
         scalars["unselective_prototypes"] = float(len(report["overall"]["unselective_prototypes"]))
     for name, entry in report["per_class"].items():
-        for key in ("distinct_locations", "largest_location_share", "grounded", "at_lesion", "on_other_lesion", "selectivity"):
+        for key in ("distinct_locations", "largest_location_share", "grounded", "centre_cell_grounded", "at_lesion",
+                    "on_other_lesion", "selectivity"):
             if entry.get(key) is not None:
                 scalars[f"{key}/{name}"] = float(entry[key])
     return scalars
 
 
 def format_quality(report: dict) -> str:
-    """The prototype-quality figures as a small fixed-width table for the log."""
-    lines = [f"{'class':<16} {'n':>3} {'images':>6} {'cells':>5} {'top cell':>8} {'grounded':>8} {'reachable':>9} "
-             f"{'at lesion':>9} {'other':>6} {'select':>7}"]
+    """The prototype-quality figures as a small fixed-width table for the log. ``centre`` is what the
+    features allow: the share of the training split's lesions that a prototype copied from the lesion's
+    centre cell would ground (:func:`centre_cell_grounding`)."""
+    lines = [f"{'class':<16} {'n':>3} {'images':>6} {'cells':>5} {'top cell':>8} {'grounded':>8} {'centre':>6} "
+             f"{'reachable':>9} {'at lesion':>9} {'other':>6} {'select':>7}"]
 
     def number(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -422,13 +507,16 @@ def format_quality(report: dict) -> str:
     for name, entry in report["per_class"].items():
         lines.append(f"{name[:16]:<16} {entry['prototypes']:>3} {entry['distinct_images']:>6} {entry['distinct_locations']:>5} "
                      f"{entry['largest_location_share']:>8.2f} {number(entry.get('grounded')):>8} "
+                     f"{number(entry.get('centre_cell_grounded'), 2):>6} "
                      f"{number(entry.get('grounding_reachable')):>9} {number(entry.get('at_lesion')):>9} "
                      f"{number(entry.get('on_other_lesion')):>6} {number(entry.get('selectivity')):>7}")
     overall = report["overall"]
     flagged = overall.get("unselective_prototypes")
     unselective = "" if flagged is None else f" ({len(flagged)} below {UNSELECTIVE_BELOW:g})"
-    lines.append(f"overall: grounded {number(overall.get('grounded'))} (reachable {number(overall.get('grounding_reachable'))}), "
-                 f"at lesion {number(overall.get('at_lesion'))} (on another disease's {number(overall.get('on_other_lesion'))}), "
-                 f"selectivity {number(overall.get('selectivity'))}{unselective}, collapsed classes: "
-                 f"{', '.join(overall['collapsed_classes']) or 'none'}")
+    centre = ("" if overall.get("centre_cell_grounded") is None
+              else f"; on each lesion's centre cell {number(overall['centre_cell_grounded'])}")
+    lines.append(f"overall: grounded {number(overall.get('grounded'))} (reachable {number(overall.get('grounding_reachable'))}"
+                 f"{centre}), at lesion {number(overall.get('at_lesion'))} (on another disease's "
+                 f"{number(overall.get('on_other_lesion'))}), selectivity {number(overall.get('selectivity'))}{unselective}, "
+                 f"collapsed classes: {', '.join(overall['collapsed_classes']) or 'none'}")
     return "\n".join(lines)

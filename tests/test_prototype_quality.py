@@ -208,6 +208,19 @@ def test_centre_cell_iobb_on_hand_built_features():
     assert len(pq.centre_cell_iobb(features, np.zeros((0, 4)), np.zeros(0), grid, 2)) == 0
 
 
+def test_centre_cell_is_the_nearest_cell_centre_where_the_grid_puts_it():
+    """The tiny backbone's grid: cell k centred on pixel 10k + 0.5 here, not in the middle of the k-th
+    slice. A lesion centred at (17, 17) lies in slice 1 but nearest to the centre of cell 2 (20.5).
+    Only cell (2, 2) is distinct: copied from it, the prototype's 11 x 11 box at 15..26 px lies
+    81 px of 121 inside the lesion (10..24 px); copied from cell (1, 1) it would match the whole
+    background and its box would be the frame (IoBB 196 / 1600)."""
+    grid = CellGrid(first=0.5, step=10.0, frame=40)
+    features = torch.zeros(1, 2, 4, 4)
+    features[0, 0, 2, 2] = 1.0
+    iobb = pq.centre_cell_iobb(features, np.array([[10.0, 10.0, 14.0, 14.0]]), np.array([0]), grid, 2)
+    assert iobb[0] == pytest.approx(81 / 121)
+
+
 class MarkedTwoBoxImages(TwoBoxImages):
     """TwoBoxImages whose pixels say which image they are, so a stand-in network can tell them apart."""
 

@@ -20,7 +20,8 @@ overall:
   but on a smooth map it rarely is, so a lesion below that size (a single nodule, a thin band) is
   seldom grounded by any model. It is necessary, not sufficient: the box is usually larger than 5%.
   ``centre_cell_grounded`` measures instead what the model's features allow: for every lesion box of
-  the split, whether a prototype copied from the lesion's centre cell would be grounded. A run that
+  the split, whether a prototype copied from the lesion's centre cell would be grounded (scored
+  against that box alone, where ``grounded`` takes the best of the source image's boxes of the class). A run that
   grounds far fewer of its prototypes than that has features that single out the lesions; it is where
   training left the prototypes, and so where the push put them, that misses.
 * **selectivity** -- per prototype, its mean score max_hw exp(-d/D) on images *with* its class minus on

@@ -210,6 +210,28 @@ def points_in_owned_boxes(points: np.ndarray, truth: np.ndarray, owner: np.ndarr
 
 
 @torch.no_grad()
+def image_features(model, dataset, indices, image_size: int, device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The network's features [len(indices), D, h, w] of the dataset's images ``indices`` (deterministic
+    resize, eval mode, the model's mode restored afterwards) and each image's own (height, width)."""
+    raw = [dataset.load_image(int(index)) for index in indices]
+    transform = EvalTransform(image_size)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
+    finally:
+        model.train(was_training)
+    return features, [image.shape[:2] for image in raw]
+
+
+def in_model_frame(boxes: np.ndarray, sizes, image_size: int) -> np.ndarray:
+    """Boxes [n, 4] (x, y, w, h) in the pixels of their own images, of (height, width) ``sizes`` [n],
+    -> the same boxes in the image_size x image_size frame where the maps live."""
+    height, width = np.asarray(sizes, np.float64).reshape(-1, 2).T
+    return np.asarray(boxes, np.float64).reshape(-1, 4) * (image_size / np.stack([width, height, width, height], axis=1))
+
+
+@torch.no_grad()
 def source_similarity_maps(model, dataset, prototypes: np.ndarray, image_size: int, device,
                            batch_size: int = 32) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Each prototype's similarity map exp(-d/D) on its own source image, at feature-map resolution
@@ -217,17 +239,11 @@ def source_similarity_maps(model, dataset, prototypes: np.ndarray, image_size: i
     read and run through the network once."""
     source = model.prototype_source_index.cpu().numpy()[prototypes]
     unique, inverse = np.unique(source, return_inverse=True)
-    transform = EvalTransform(image_size)
     features, sizes = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(unique), batch_size):
-            raw = [dataset.load_image(int(index)) for index in unique[start : start + batch_size]]
-            sizes.extend(image.shape[:2] for image in raw)
-            features.append(model.extract_features(torch.stack([transform(image) for image in raw]).to(device)))
-    finally:
-        model.train(was_training)
+    for start in range(0, len(unique), batch_size):
+        batch_features, batch_sizes = image_features(model, dataset, unique[start : start + batch_size], image_size, device)
+        features.append(batch_features)
+        sizes.extend(batch_sizes)
     own = torch.cat(features)[torch.as_tensor(inverse, device=device)]  # [q, D, h, w]
     vectors = model.prototypes.detach()[torch.as_tensor(prototypes, device=device)]  # [q, D]
     return paired_similarity_maps(own, vectors, model.prototype_dim), [sizes[i] for i in inverse]
@@ -278,12 +294,11 @@ def prototype_grounding(model, dataset, image_size: int, device, batch_size: int
                                                    device, batch_size)
         high_boxes.append(high_activation_boxes(upsample_maps(maps, (image_size, image_size), grid).cpu().numpy()))
         sizes.extend(chunk_sizes)
-    # The truth boxes, from their image's own pixels into the image_size x image_size frame.
-    height, width = np.asarray(sizes, np.float64).T  # per evaluable prototype
-    scale = image_size / np.stack([width, height, width, height], axis=1)  # [n, 4] for x, y, w, h
-    truth = np.asarray(truth, np.float64).reshape(-1, 4) * scale[owner]
+    # The truth boxes, from their image's own pixels (sizes: per evaluable prototype) into the maps' frame.
+    sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
+    truth = in_model_frame(truth, sizes[owner], image_size)
     foreign_owner = np.asarray(foreign_owner, np.int64)
-    foreign = np.asarray(foreign, np.float64).reshape(-1, 4) * scale[foreign_owner]
+    foreign = in_model_frame(foreign, sizes[foreign_owner], image_size)
     largest_lesion = np.zeros(len(chosen))
     np.maximum.at(largest_lesion, owner, truth[:, 2] * truth[:, 3])
 
@@ -340,29 +355,19 @@ def centre_cell_grounding(model, dataset, image_size: int, device, batch_size: i
     if not boxes_of:
         return None
     grid = model.cell_grid(image_size)
-    transform = EvalTransform(image_size)
     hits = np.zeros(model.num_classes)
     lesions = np.zeros(model.num_classes)
     images = sorted(boxes_of)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            raw = [dataset.load_image(int(index)) for index in chunk]
-            features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
-            records = [(slot, box) for slot, index in enumerate(chunk) for box in boxes_of[index]]
-            slots = np.array([slot for slot, _ in records], np.int64)
-            classes = np.array([int(box[0]) for _, box in records], np.int64)
-            # Boxes from each image's own pixels into the image_size x image_size frame of the maps.
-            height, width = np.array([raw[slot].shape[:2] for slot in slots], np.float64).T
-            scale = image_size / np.stack([width, height, width, height], axis=1)
-            truth = np.array([box[1:] for _, box in records], np.float64).reshape(-1, 4) * scale
-            grounded = centre_cell_iobb(features, truth, slots, grid, model.prototype_dim) >= GROUNDING_IOBB
-            np.add.at(hits, classes, grounded)
-            np.add.at(lesions, classes, 1)
-    finally:
-        model.train(was_training)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        features, sizes = image_features(model, dataset, chunk, image_size, device)
+        records = [(slot, box) for slot, index in enumerate(chunk) for box in boxes_of[index]]
+        slots = np.array([slot for slot, _ in records], np.int64)
+        classes = np.array([int(box[0]) for _, box in records], np.int64)
+        truth = in_model_frame([box[1:] for _, box in records], [sizes[slot] for slot in slots], image_size)
+        grounded = centre_cell_iobb(features, truth, slots, grid, model.prototype_dim) >= GROUNDING_IOBB
+        np.add.at(hits, classes, grounded)
+        np.add.at(lesions, classes, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(lesions > 0, hits / np.maximum(lesions, 1), np.nan)
     return dict(lesions=lesions.astype(np.int64), grounded=share)

@@ -34,7 +34,8 @@ from datasets import EvalTransform, TransformedDataset, build_datasets
 from utils.checkpoint import CheckpointError, atomic_write_json, save_checkpoint
 from utils.cli import run_script
 from utils.projection import provenance_records, push_prototypes
-from utils.prototype_quality import evaluate_prototype_quality, format_quality, warn_if_collapsed
+from utils.prototype_quality import (evaluate_prototype_quality, format_quality, prototype_grounding,
+                                     warn_if_collapsed)
 from utils.training import predict, resolve_device
 from utils.visualise import (
     GalleryEntry, check_output_dir, gallery_figure, iter_prototype_views, load_model_from_checkpoint, save_png,
@@ -128,12 +129,14 @@ def run(args: argparse.Namespace) -> Path:
         records = push_prototypes(model, push_set, device, batch_size=batch_size, num_workers=config.num_workers,
                                   progress=progress, image_ids=train.image_ids)
         target = pushed_checkpoint_path(checkpoint)
-        warn_if_collapsed(model, train.image_ids)
+    grounding = prototype_grounding(model, train, config.image_size, device, batch_size)
+    if not args.visualise_only:
+        warn_if_collapsed(model, train.image_ids, grounding)
     # Selectivity on the held-out test split; diversity and grounding from the training split pushed onto.
     _, _, test_scores = predict(model, splits.test, device, config.image_size, batch_size, config.num_workers,
                                 progress, with_scores=True)
     quality = evaluate_prototype_quality(model, train, config.image_size, device, batch_size, test_scores,
-                                         splits.test.targets)
+                                         splits.test.targets, grounding)
     logger.info("prototype quality (selectivity on the test split):\n%s", format_quality(quality))
 
     with staged_output(out, MARKER) as staging:

@@ -67,6 +67,35 @@ def test_collapse_warning_names_the_collapsed_class_and_stays_silent_for_a_healt
     assert diversity["image_collapsed"].tolist() == [True, False, False]
 
 
+def test_collapse_warning_says_how_many_piled_prototypes_lie_on_a_lesion_of_their_class(caplog):
+    cells = [[r, c] for r in range(3) for c in range(4)]
+    cells[4:8] = [[3, 2], [3, 2], [3, 2], [0, 0]]  # class B (prototypes 4-7): 4, 5 and 6 on (3, 2)
+    collapsed = model_with_provenance(cells, list(range(12)))
+
+    def grounding(evaluable, at_lesion):
+        flags = dict(evaluable=np.zeros(12, bool), at_lesion=np.zeros(12, bool))
+        flags["evaluable"][evaluable] = True
+        flags["at_lesion"][at_lesion] = True
+        return flags
+
+    def warning(flags):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="utils.prototype_quality"):
+            pq.warn_if_collapsed(collapsed, [f"img{i}" for i in range(20)], flags)
+        assert len(caplog.records) == 1
+        return caplog.records[0].getMessage()
+
+    # A heart-like class: every piled prototype sits on a B box of its own image.
+    assert "B (3 of 4 on feature-map cell (3, 2), 3 of those 3 inside a B box of their own image)" in \
+        warning(grounding([4, 5, 6, 7], [4, 5, 6]))
+    # Only one of them does; prototype 7 (another cell) and class A's prototypes do not count.
+    assert "3 of 4 on feature-map cell (3, 2), 1 of those 3 inside a B box" in \
+        warning(grounding([0, 1, 4, 5, 6, 7], [0, 1, 5, 7]))
+    # No box in any piled prototype's source image (NIH's training split): nothing to say, as before.
+    message = warning(grounding([0, 7], [0, 7]))
+    assert "B (3 of 4 on feature-map cell (3, 2))" in message and "inside" not in message
+
+
 # -- selectivity -------------------------------------------------------------------------------------
 def test_selectivity_is_mean_score_with_the_class_minus_without_on_a_known_case():
     scores = np.array([[0.9, 0.5], [0.7, 0.5], [0.2, 0.5], [0.4, 0.5]])  # prototype 1 fires on everything

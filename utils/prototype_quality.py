@@ -119,15 +119,29 @@ def prototype_diversity(prototype_class: np.ndarray, source_index: np.ndarray, s
 
 
 def collapse_message(diversity: dict[str, np.ndarray], class_names: list[str], source_location: np.ndarray,
-                     image_ids: list[str] | None, source_index: np.ndarray) -> str | None:
-    """One line naming every collapsed class and where its prototypes pile up; None if none did."""
+                     image_ids: list[str] | None, source_index: np.ndarray, prototype_class: np.ndarray | None = None,
+                     grounding: dict[str, np.ndarray] | None = None) -> str | None:
+    """One line naming every collapsed class and where its prototypes pile up; None if none did.
+
+    With ``grounding`` (:func:`prototype_grounding`) and ``prototype_class``, a cell's pile-up also says
+    how many of its prototypes lie inside a box of their class in their own source image: a lesion that
+    sits at the same place in most images (the heart) piles up on its own cells without copying anything.
+    """
     parts = []
     for class_index in np.flatnonzero(diversity["location_collapsed"] | diversity["image_collapsed"]):
         total = int(diversity["prototypes"][class_index])
         details = []
         if diversity["location_collapsed"][class_index]:
             row, col = (int(v) for v in source_location[diversity["location_site"][class_index]])
-            details.append(f"{int(diversity['most_on_one_location'][class_index])} of {total} on feature-map cell ({row}, {col})")
+            piled = int(diversity["most_on_one_location"][class_index])
+            detail = f"{piled} of {total} on feature-map cell ({row}, {col})"
+            if grounding is not None and prototype_class is not None:
+                on_cell = ((prototype_class == class_index) & (source_index >= 0)
+                           & (source_location == (row, col)).all(axis=1))
+                if grounding["evaluable"][on_cell].any():
+                    inside = int((grounding["at_lesion"] & on_cell).sum())
+                    detail += f", {inside} of those {piled} inside a {class_names[class_index]} box of their own image"
+            details.append(detail)
         if diversity["image_collapsed"][class_index]:
             index = int(source_index[diversity["image_site"][class_index]])
             name = image_ids[index] if image_ids is not None else f"training image {index}"
@@ -136,8 +150,8 @@ def collapse_message(diversity: dict[str, np.ndarray], class_names: list[str], s
     if not parts:
         return None
     return (f"prototypes collapsed in {len(parts)} of {len(class_names)} classes: " + "; ".join(parts)
-            + ". They pile onto one feature-map position or one source image instead of covering the class; "
-            "see README 'Prototype quality'.")
+            + ". They pile onto one feature-map position or one source image instead of covering the class, "
+            "unless the disease itself lies there in most images (read its gallery); see README 'Prototype quality'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,23 +471,29 @@ def model_diversity(model) -> dict[str, np.ndarray]:
                                model.prototype_source_location.cpu().numpy(), model.num_classes)
 
 
-def warn_if_collapsed(model, image_ids: list[str] | None = None) -> dict[str, np.ndarray]:
-    """After a push: log one warning line naming every collapsed class; returns the diversity arrays."""
+def warn_if_collapsed(model, image_ids: list[str] | None = None,
+                      grounding: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """After a push: log one warning line naming every collapsed class (with ``grounding``, also how many
+    of a crowded cell's prototypes lie on a lesion of their class); returns the diversity arrays."""
     diversity = model_diversity(model)
     message = collapse_message(diversity, model.class_names, model.prototype_source_location.cpu().numpy(),
-                               image_ids, model.prototype_source_index.cpu().numpy())
+                               image_ids, model.prototype_source_index.cpu().numpy(),
+                               model.prototype_class.cpu().numpy(), grounding)
     if message:
         logger.warning("%s", message)
     return diversity
 
 
 def evaluate_prototype_quality(model, train, image_size: int, device, batch_size: int = 32,
-                               test_scores: np.ndarray | None = None, test_targets: np.ndarray | None = None) -> dict:
+                               test_scores: np.ndarray | None = None, test_targets: np.ndarray | None = None,
+                               grounding: dict[str, np.ndarray] | None = None) -> dict:
     """The whole ``prototypes`` section: diversity and grounding from the training split the prototypes
     were pushed onto, selectivity from held-out images' scores [N, P] and targets [N, K] when given (and
-    then a warning line naming the disease prototypes that match every image alike)."""
+    then a warning line naming the disease prototypes that match every image alike). ``grounding``, when
+    the caller has already computed it for this model (:func:`prototype_grounding`), is used as is."""
     diversity = model_diversity(model)
-    grounding = prototype_grounding(model, train, image_size, device, batch_size)
+    if grounding is None:
+        grounding = prototype_grounding(model, train, image_size, device, batch_size)
     centre_grounding = centre_cell_grounding(model, train, image_size, device, batch_size)
     selectivity = None
     if test_scores is not None and test_targets is not None:

@@ -399,8 +399,8 @@ class Trainer:
 def push_quality(model: CIPL, train, config, device) -> dict:
     """Right after a push: warn about collapsed classes, and log diversity and grounding (selectivity
     needs held-out images; the final report adds it)."""
-    diversity = warn_if_collapsed(model, train.image_ids)
     grounding = prototype_grounding(model, train, config.image_size, device, config.eval_batch_size)
+    diversity = warn_if_collapsed(model, train.image_ids, grounding)
     report = quality_report(model, diversity, grounding, selectivity=None)
     logger.info("prototype quality after push:\n%s", format_quality(report))
     return report

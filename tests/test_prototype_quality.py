@@ -88,9 +88,15 @@ def test_collapse_warning_says_how_many_piled_prototypes_lie_on_a_lesion_of_thei
     # A heart-like class: every piled prototype sits on a B box of its own image.
     assert "B (3 of 4 on feature-map cell (3, 2), 3 of those 3 inside a B box of their own image)" in \
         warning(grounding([4, 5, 6, 7], [4, 5, 6]))
-    # Only one of them does; prototype 7 (another cell) and class A's prototypes do not count.
+    # Only one of them does; prototype 7 (another cell) and class A's prototypes do not count, not even
+    # prototype 0, which sits on the same cell on a lesion (one of A's four there is no collapse).
+    cells[0] = [3, 2]
+    collapsed = model_with_provenance(cells, list(range(12)))
     assert "3 of 4 on feature-map cell (3, 2), 1 of those 3 inside a B box" in \
         warning(grounding([0, 1, 4, 5, 6, 7], [0, 1, 5, 7]))
+    # Only two of the three source images have a B box (boxes for some images only): count among those.
+    assert "3 of 4 on feature-map cell (3, 2), 1 of the 2 of those whose image has a B box inside one" in \
+        warning(grounding([4, 5], [5]))
     # No box in any piled prototype's source image (NIH's training split): nothing to say, as before.
     message = warning(grounding([0, 7], [0, 7]))
     assert "B (3 of 4 on feature-map cell (3, 2))" in message and "inside" not in message

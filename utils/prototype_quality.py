@@ -138,9 +138,13 @@ def collapse_message(diversity: dict[str, np.ndarray], class_names: list[str], s
             if grounding is not None and prototype_class is not None:
                 on_cell = ((prototype_class == class_index) & (source_index >= 0)
                            & (source_location == (row, col)).all(axis=1))
-                if grounding["evaluable"][on_cell].any():
-                    inside = int((grounding["at_lesion"] & on_cell).sum())
-                    detail += f", {inside} of those {piled} inside a {class_names[class_index]} box of their own image"
+                with_box = int((grounding["evaluable"] & on_cell).sum())
+                inside = int((grounding["evaluable"] & grounding["at_lesion"] & on_cell).sum())
+                name = class_names[class_index]
+                if with_box == piled:
+                    detail += f", {inside} of those {piled} inside a {name} box of their own image"
+                elif with_box:
+                    detail += f", {inside} of the {with_box} of those whose image has a {name} box inside one"
             details.append(detail)
         if diversity["image_collapsed"][class_index]:
             index = int(source_index[diversity["image_site"][class_index]])

@@ -228,9 +228,9 @@ def points_in_owned_boxes(points: np.ndarray, truth: np.ndarray, owner: np.ndarr
 
 
 @torch.no_grad()
-def image_features(model, dataset, indices, image_size: int, device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def image_features(model, dataset, indices, image_size: int, device) -> tuple[torch.Tensor, list[np.ndarray]]:
     """The network's features [len(indices), D, h, w] of the dataset's images ``indices`` (deterministic
-    resize, eval mode, the model's mode restored afterwards) and each image's own (height, width)."""
+    resize, eval mode, the model's mode restored afterwards) and the images as read, at their own size."""
     raw = [dataset.load_image(int(index)) for index in indices]
     transform = EvalTransform(image_size)
     was_training = model.training
@@ -239,7 +239,7 @@ def image_features(model, dataset, indices, image_size: int, device) -> tuple[to
         features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
     finally:
         model.train(was_training)
-    return features, [image.shape[:2] for image in raw]
+    return features, raw
 
 
 def in_model_frame(boxes: np.ndarray, sizes, image_size: int) -> np.ndarray:
@@ -259,9 +259,9 @@ def source_similarity_maps(model, dataset, prototypes: np.ndarray, image_size: i
     unique, inverse = np.unique(source, return_inverse=True)
     features, sizes = [], []
     for start in range(0, len(unique), batch_size):
-        batch_features, batch_sizes = image_features(model, dataset, unique[start : start + batch_size], image_size, device)
+        batch_features, raw = image_features(model, dataset, unique[start : start + batch_size], image_size, device)
         features.append(batch_features)
-        sizes.extend(batch_sizes)
+        sizes.extend(image.shape[:2] for image in raw)
     own = torch.cat(features)[torch.as_tensor(inverse, device=device)]  # [q, D, h, w]
     vectors = model.prototypes.detach()[torch.as_tensor(prototypes, device=device)]  # [q, D]
     return paired_similarity_maps(own, vectors, model.prototype_dim), [sizes[i] for i in inverse]
@@ -378,11 +378,11 @@ def centre_cell_grounding(model, dataset, image_size: int, device, batch_size: i
     images = sorted(boxes_of)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        features, sizes = image_features(model, dataset, chunk, image_size, device)
+        features, raw = image_features(model, dataset, chunk, image_size, device)
         records = [(slot, box) for slot, index in enumerate(chunk) for box in boxes_of[index]]
         slots = np.array([slot for slot, _ in records], np.int64)
         classes = np.array([int(box[0]) for _, box in records], np.int64)
-        truth = in_model_frame([box[1:] for _, box in records], [sizes[slot] for slot in slots], image_size)
+        truth = in_model_frame([box[1:] for _, box in records], [raw[slot].shape[:2] for slot in slots], image_size)
         grounded = centre_cell_iobb(features, truth, slots, grid, model.prototype_dim) >= GROUNDING_IOBB
         np.add.at(hits, classes, grounded)
         np.add.at(lesions, classes, 1)

@@ -26,11 +26,12 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from datasets import EvalTransform, class_names_for
+from datasets import class_names_for
 from model import CIPL, CellGrid, paired_similarity_maps
 from settings import Config
 from utils.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model_weights
 from utils.localisation import high_activation_boxes, normalise_maps, upsample_maps
+from utils.prototype_quality import image_features
 from utils.training import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -297,47 +298,40 @@ def iter_prototype_views(model, dataset, image_size: int, prototypes: Sequence[i
     if unpushed:
         raise ValueError(f"prototype {unpushed[0]} has not been pushed onto a training image")
     device = model.prototypes.device
-    transform = EvalTransform(image_size)
-    was_training = model.training
-    model.eval()
     location = model.prototype_source_location.cpu().numpy()
     distance = model.prototype_source_distance.cpu().numpy()
     boxes_of = getattr(dataset, "boxes", None) or {}
     dim = model.prototype_dim
     grid = model.cell_grid(image_size)
     order = list(prototypes)
-    try:
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            unique, inverse = np.unique(source[chosen], return_inverse=True)
-            raw = [dataset.load_image(int(index)) for index in unique]
-            features = model.extract_features(torch.stack([transform(image) for image in raw]).to(device))
-            similarity = paired_similarity_maps(features[torch.as_tensor(inverse, device=device)],
-                                                model.prototypes[torch.as_tensor(chosen, device=device)], dim)
-            maps = similarity_images(similarity, [raw[i].shape[:2] for i in inverse], grid)
-            boxes = high_activation_boxes(np.stack(maps)) if len({m.shape for m in maps}) == 1 else np.concatenate(
-                [high_activation_boxes(m[None]) for m in maps]
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        unique, inverse = np.unique(source[chosen], return_inverse=True)
+        features, raw = image_features(model, dataset, unique, image_size, device)
+        similarity = paired_similarity_maps(features[torch.as_tensor(inverse, device=device)],
+                                            model.prototypes[torch.as_tensor(chosen, device=device)], dim)
+        maps = similarity_images(similarity, [raw[i].shape[:2] for i in inverse], grid)
+        boxes = high_activation_boxes(np.stack(maps)) if len({m.shape for m in maps}) == 1 else np.concatenate(
+            [high_activation_boxes(m[None]) for m in maps]
+        )
+        for slot, prototype in enumerate(chosen):
+            image_index = int(source[prototype])
+            class_index = int(model.prototype_class[prototype])
+            yield PrototypeView(
+                prototype=int(prototype),
+                class_index=class_index,
+                class_name=model.class_names[class_index],
+                image_index=image_index,
+                image_id=str(dataset.image_ids[image_index]),
+                location=(int(location[prototype, 0]), int(location[prototype, 1])),
+                distance=float(distance[prototype]),
+                similarity=float(np.exp(-distance[prototype] / dim)),
+                image=raw[inverse[slot]],
+                map=maps[slot],
+                box=tuple(float(v) for v in boxes[slot]),
+                truth_boxes=tuple(tuple(float(v) for v in truth[1:]) for truth in boxes_of.get(image_index, ())
+                                  if int(truth[0]) == class_index),
             )
-            for slot, prototype in enumerate(chosen):
-                image_index = int(source[prototype])
-                class_index = int(model.prototype_class[prototype])
-                yield PrototypeView(
-                    prototype=int(prototype),
-                    class_index=class_index,
-                    class_name=model.class_names[class_index],
-                    image_index=image_index,
-                    image_id=str(dataset.image_ids[image_index]),
-                    location=(int(location[prototype, 0]), int(location[prototype, 1])),
-                    distance=float(distance[prototype]),
-                    similarity=float(np.exp(-distance[prototype] / dim)),
-                    image=raw[inverse[slot]],
-                    map=maps[slot],
-                    box=tuple(float(v) for v in boxes[slot]),
-                    truth_boxes=tuple(tuple(float(v) for v in truth[1:]) for truth in boxes_of.get(image_index, ())
-                                      if int(truth[0]) == class_index),
-                )
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -563,8 +563,8 @@ def peak_distance(localisation: dict | None, method: str) -> float | None:
     """Mean over classes of how far the class's evidence peaks from its lesions, in pixels: the length
     of the class's median peak offset from the nearest box centre (``peak_offset_y``, ``_x``). Averaging
     lengths, not the signed offsets, keeps classes shifted in opposite directions from cancelling; over
-    the README's twelve full-CIPL runs it tracks grounding closely (Spearman -0.94). None without a
-    localisation report or offsets."""
+    the twelve full-CIPL runs of docs/proving_ground.md it tracks grounding closely (Spearman -0.94).
+    None without a localisation report or offsets."""
     if not localisation:
         return None
     offsets = [(entry.get("peak_offset_y"), entry.get("peak_offset_x"))

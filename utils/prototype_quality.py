@@ -47,8 +47,9 @@ COLLAPSE_SHARE = 0.25  # more than this share of a class's prototypes on one loc
 GROUNDING_IOBB = 0.5
 HIGH_ACTIVATION_SHARE = 0.05  # the 95th-percentile region covers 5% of the image
 # A disease prototype whose selectivity is below this matches images with and without its class alike.
-# In six of the README's twelve 2400-anchor synthetic runs the disease prototypes fall into two groups:
-# those that score close to 1 on every test image, selectivity -0.004 to 0.031, and the rest, 0.064 and up.
+# In six of the twelve 2400-anchor synthetic runs of docs/proving_ground.md the disease prototypes fall
+# into two groups: those that score close to 1 on every test image, selectivity -0.004 to 0.031, and
+# the rest, 0.064 and up.
 UNSELECTIVE_BELOW = 0.05
 
 

@@ -15,6 +15,7 @@ Conventions shared by all functions:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,9 @@ __all__ = [
     "combine_losses",
     "cross_image_loss",
     "disease_margins",
+    "cell_patches",
     "interpretation_alignment_loss",
+    "local_reconstruction_loss",
     "prediction_alignment_loss",
     "separation_distance",
     "separation_loss",
@@ -260,6 +263,48 @@ def prediction_alignment_loss(student_logits: Tensor, teacher_logits: Tensor) ->
         return (student_gram - teacher_gram).pow(2).sum() / (num_diseases * num_images**2)
 
 
+def cell_patches(images: Tensor, cells: tuple[int, int], first: float, step: int) -> Tensor:
+    """The ``step`` x ``step`` block of grey pixels at each feature-map cell's receptive-field centre.
+
+    Cell (i, j)'s receptive field is centred at ``first + i * step`` pixels down and ``first + j *
+    step`` across (:class:`model.CellGrid`; pixel p covers [p, p + 1)). Its block is the one of
+    ``step`` x ``step`` pixels whose centre lies nearest that point, half a pixel below and right of
+    it when two are equally near: rows ``ceil(first - step / 2) + i * step`` onwards, and the same
+    for columns. Grey is the mean over the image's channels; pixels outside the image count as 0 (the
+    normalised image's mean). The blocks tile the image, so they are cut by cropping or padding it to
+    ``step * cells`` pixels and folding each block into channels, not by a loop over cells.
+
+    Shapes: ``images`` [N, C, S_h, S_w] -> [N, step * step, H, W], where ``cells`` = (H, W) and a
+    block's pixel (r, c) is channel ``r * step + c``.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, S_h, S_w], got shape {tuple(images.shape)}")
+    height, width = cells
+    start = math.ceil(first - step / 2)
+    grey = images.mean(dim=1, keepdim=True)
+    # Negative padding crops: the framed image starts at pixel `start` and is step * cells long.
+    framed = F.pad(grey, (-start, start + step * width - grey.shape[-1], -start, start + step * height - grey.shape[-2]))
+    return F.pixel_unshuffle(framed, step).contiguous()
+
+
+def local_reconstruction_loss(reconstruction: Tensor, images: Tensor, first: float, step: int) -> Tensor:
+    """L_rec (this project's, not the paper's): mean squared error between each cell's reconstruction
+    and the grey block at its receptive-field centre (:func:`cell_patches`).
+
+    CIPL's terms reward a cell beside a lesion whose window holds it as much as the cell on it; this
+    term asks every cell's features to describe what lies at its own centre as well.
+
+    Shapes: ``reconstruction`` [N, step * step, H, W] (a decoder's output on the features),
+    ``images`` [N, C, S, S] -> scalar.
+    """
+    if reconstruction.dim() != 4 or reconstruction.shape[1] != step * step:
+        raise ValueError(f"reconstruction must be [N, {step * step}, H, W] for {step}-px blocks, "
+                         f"got shape {tuple(reconstruction.shape)}")
+    targets = cell_patches(images, tuple(reconstruction.shape[-2:]), first, step)
+    with torch.autocast(device_type=reconstruction.device.type, enabled=False):
+        return F.mse_loss(reconstruction.float(), targets.float())
+
+
 @dataclass
 class LossWeights:
     """Weights of the loss terms; defaults are the paper's (METHOD.md, Losses, "Total")."""
@@ -271,6 +316,7 @@ class LossWeights:
     cross_image: float = 0.5
     interpretation: float = 0.5
     prediction: float = 10.0
+    local_reconstruction: float = 0.0  # not in the paper; warm-up only (settings: weight_local_reconstruction)
 
 
 # Keys of ``combine_losses``'s ``terms``; each is also a LossWeights field of the same name.
@@ -281,6 +327,7 @@ LOSS_TERMS = (
     "cross_image",
     "interpretation",
     "prediction",
+    "local_reconstruction",
 )
 
 
@@ -288,9 +335,10 @@ def combine_losses(terms: dict[str, Tensor], weights: LossWeights) -> Tensor:
     """Weighted sum of whichever loss terms are present.
 
     ``terms`` may hold any subset of ``'classification', 'cluster', 'separation',
-    'cross_image', 'interpretation', 'prediction'`` (``'separation'`` is already the hinge
-    from :func:`separation_loss`); absent terms are skipped, so the warm-up stage passes only
-    the first three. Unknown keys raise ``ValueError`` so a misspelt term is never silently
+    'cross_image', 'interpretation', 'prediction', 'local_reconstruction'`` (``'separation'`` is
+    already the hinge from :func:`separation_loss`); absent terms are skipped, so the warm-up stage
+    passes only the first three (and ``'local_reconstruction'`` when its weight is above 0).
+    Unknown keys raise ``ValueError`` so a misspelt term is never silently
     dropped.
 
     Shapes: each term a scalar tensor -> scalar.
@@ -303,6 +351,6 @@ def combine_losses(terms: dict[str, Tensor], weights: LossWeights) -> Tensor:
     if not present:
         raise ValueError("combine_losses needs at least one loss term")
     total = terms[present[0]] * getattr(weights, present[0])
-    for name in present[1:]:  # at most six named terms, not a loop over data
+    for name in present[1:]:  # at most seven named terms, not a loop over data
         total = total + terms[name] * getattr(weights, name)
     return total

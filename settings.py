@@ -87,6 +87,9 @@ class Config:
     weight_cross_image: float = 0.5
     weight_interpretation: float = 0.5
     weight_prediction: float = 10.0
+    # Not in the paper (0 = off): in warm-up, a 1 x 1 convolution reconstructs from each cell's features
+    # the grey stride x stride pixel block at the cell's receptive-field centre (losses.local_reconstruction_loss).
+    weight_local_reconstruction: float = 0.0
     cross_image: bool = True  # ablation switch: cross-image common-semantics term
     interpretation_alignment: bool = True  # ablation switch: L_inte
     prediction_alignment: bool = True  # ablation switch: L_pred
@@ -221,7 +224,7 @@ NON_NEGATIVE_INTS = ("seed", "split_seed", "num_workers", "samples_per_epoch", "
                      "max_stages", "decode_threads", "synthetic_decorrelated_test_size")
 NON_NEGATIVE_FLOATS = ("lr_backbone", "lr_add_on", "lr_prototypes", "lr_last_layer", "weight_decay",
                        "weight_classification", "weight_cluster", "weight_separation", "separation_margin",
-                       "weight_cross_image", "weight_interpretation", "weight_prediction")
+                       "weight_cross_image", "weight_interpretation", "weight_prediction", "weight_local_reconstruction")
 POSITIVE_FLOATS = ("lr_gamma", "class_weight_cap", "no_finding_weight_warmup", "no_finding_weight_paired",
                    "affine_scale_min", "affine_scale_max")
 # name -> (low, high, low included, high included, what the number is)
@@ -430,6 +433,10 @@ _HELP = {
     "weight_interpretation": "weight of L_inte, the student-teacher similarity-map alignment (paper: 0.5)",
     "weight_prediction": "weight of L_pred, the student-teacher batch-relational prediction alignment "
                          "(paper: 10)",
+    "weight_local_reconstruction": "weight of L_rec, a warm-up term that is not in the paper: a 1 x 1 convolution "
+                                   "must rebuild, from each feature-map cell, the grey stride x stride pixel block "
+                                   "at that cell's receptive-field centre, so that a cell's features describe "
+                                   "what lies at its centre (paper: none, 0 = off)",
     "cross_image": "ablation switch: with --no-cross-image the cross-image term L_cross is left out",
     "interpretation_alignment": "ablation switch: with --no-interpretation-alignment L_inte is left out",
     "prediction_alignment": "ablation switch: with --no-prediction-alignment L_pred is left out",
@@ -482,8 +489,8 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "losses and ablations": (
         "weight_classification", "weight_cluster", "weight_separation", "separation_margin", "weight_cross_image",
-        "weight_interpretation", "weight_prediction", "cross_image", "interpretation_alignment",
-        "prediction_alignment",
+        "weight_interpretation", "weight_prediction", "weight_local_reconstruction", "cross_image",
+        "interpretation_alignment", "prediction_alignment",
     ),
     "augmentation": (
         "strong_augmentation", "crop_margin", "crop_scale_min", "affine_degrees", "affine_translate", "affine_scale_min", "affine_scale_max",

@@ -33,10 +33,14 @@ def metric_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(stream))
 
 
-def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
+# The paper's losses alone, and with the warm-up's local reconstruction, whose decoder the processes
+# must train together with the model (utils/training.py, ReconstructingNetwork).
+@pytest.mark.parametrize("reconstruction_weight", ["0", "1"])
+def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path, reconstruction_weight):
     single, double = tmp_path / "single", tmp_path / "double"
-    run([sys.executable, "main.py", *TINY, "--max-stages", "3", "--out-dir", str(single)])
-    run([*TORCHRUN, "main.py", *TINY, "--max-stages", "3", "--out-dir", str(double)])
+    options = [*TINY, "--max-stages", "3", "--weight-local-reconstruction", reconstruction_weight]
+    run([sys.executable, "main.py", *options, "--out-dir", str(single)])
+    run([*TORCHRUN, "main.py", *options, "--out-dir", str(double)])
     one, two = metric_rows(single), metric_rows(double)
     assert [row["stage"] for row in one] == [row["stage"] for row in two] == ["warmup", "paired", "paired"]
     # Same global batches and the same per-sample augmentation; what differs is BatchNorm's
@@ -44,7 +48,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
     # computed over each process's half batch. Stated tolerance: 3 % on the epoch-mean total and
     # classification losses.
     for a, b in zip(one, two):
-        for column in ("loss", "classification", "cross_image"):
+        for column in ("loss", "classification", "cross_image", "local_reconstruction"):
             if a[column]:
                 assert float(b[column]) == pytest.approx(float(a[column]), rel=0.03), (a["stage_index"], column)
     # Rank 0 alone writes the run directory; both checkpoints hold a complete state.
@@ -52,6 +56,8 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path):
     assert len(list((double / "tensorboard").glob("events.out.tfevents.*"))) == 1
     state = torch.load(double / "checkpoints" / "last.pt", weights_only=False)
     assert state["next_stage"] == 3 and state["teacher"] is not None
+    assert (state["local_decoder"] is not None) == (reconstruction_weight == "1")
+    assert (one[0]["local_reconstruction"] != "") == (reconstruction_weight == "1")
 
 
 def test_distributed_push_selects_the_same_prototypes(tmp_path):

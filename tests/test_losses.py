@@ -21,7 +21,9 @@ from losses import (
     combine_losses,
     cross_image_loss,
     disease_margins,
+    cell_patches,
     interpretation_alignment_loss,
+    local_reconstruction_loss,
     prediction_alignment_loss,
     separation_distance,
     separation_loss,
@@ -511,6 +513,96 @@ def test_prediction_loss_extreme_logits_finite():
 
 
 # ---------------------------------------------------------------------------------------------
+# cell_patches / local_reconstruction_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_cell_patch(image, i: int, j: int, first: float, step: int) -> list[float]:
+    """The grey block of cell (i, j), pixel by pixel: the step x step pixels whose centre lies nearest
+    the cell's receptive-field centre (half a pixel down and right on a tie), 0 outside the image."""
+    channels, height, width = len(image), len(image[0]), len(image[0][0])
+    top = math.ceil(first + i * step - step / 2)
+    left = math.ceil(first + j * step - step / 2)
+    block = []
+    for row in range(top, top + step):
+        for column in range(left, left + step):
+            inside = 0 <= row < height and 0 <= column < width
+            block.append(sum(image[c][row][column] for c in range(channels)) / channels if inside else 0.0)
+    # The block's centre lies within half a pixel of the cell's centre, below and right of it.
+    assert (top + step / 2) - (first + i * step) in (0.0, 0.5)
+    return block
+
+
+def ref_local_reconstruction(reconstruction, images, first: float, step: int) -> float:
+    total, count = 0.0, 0
+    for n, image in enumerate(images):
+        for i in range(len(reconstruction[n][0])):
+            for j in range(len(reconstruction[n][0][0])):
+                block = ref_cell_patch(image, i, j, first, step)
+                for k, pixel in enumerate(block):
+                    total += (reconstruction[n][k][i][j] - pixel) ** 2
+                    count += 1
+    return total / count
+
+
+# (image side, cells, first receptive-field centre, step): the tiny backbone's grid (a block hangs 3 px
+# over the top and left edge), DenseNet-121's (+14 px), a ResNet's (15.5 px over), and a grid that needs
+# the image cropped at the bottom right.
+CELL_GRIDS = [(32, (4, 4), 0.5, 8), (64, (2, 2), 14.5, 32), (64, (2, 2), 0.5, 32), (21, (2, 2), 2.5, 4)]
+
+
+@pytest.mark.parametrize("side, cells, first, step", CELL_GRIDS)
+def test_cell_patches_match_reference(generator, side, cells, first, step):
+    images = torch.randn(2, 3, side, side, generator=generator, dtype=torch.float64)
+    patches = cell_patches(images, cells, first, step)
+    assert patches.shape == (2, step * step, *cells)
+    nested = images.tolist()
+    for n in range(2):
+        for i in range(cells[0]):
+            for j in range(cells[1]):
+                assert_close(patches[n, :, i, j], torch.tensor(ref_cell_patch(nested[n], i, j, first, step), dtype=torch.float64))
+
+
+def test_cell_patches_same_in_channels_last_memory():
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cell_patches(images.contiguous(memory_format=torch.channels_last), (4, 4), 0.5, 8),
+                       cell_patches(images, (4, 4), 0.5, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("side, cells, first, step", CELL_GRIDS[::3])
+def test_local_reconstruction_loss_matches_reference(generator, dtype, side, cells, first, step):
+    images = torch.randn(3, 3, side, side, generator=generator, dtype=dtype)
+    reconstruction = torch.randn(3, step * step, *cells, generator=generator, dtype=dtype)
+    loss = local_reconstruction_loss(reconstruction, images, first, step)
+    expected = ref_local_reconstruction(reconstruction.tolist(), images.tolist(), first, step)
+    assert_close(loss.double(), scalar(expected), rtol=1e-5 if dtype == torch.float32 else 1e-7, atol=0.0)
+
+
+def test_local_reconstruction_loss_is_zero_for_the_blocks_and_trains_the_reconstruction(generator):
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    exact = cell_patches(images, (4, 4), 0.5, 8).requires_grad_()
+    assert local_reconstruction_loss(exact, images, 0.5, 8).item() == 0.0
+    wrong = (exact.detach() + 1.0).requires_grad_()
+    local_reconstruction_loss(wrong, images, 0.5, 8).backward()
+    assert_close(wrong.grad, torch.full_like(wrong, 2.0 / wrong.numel()))
+
+
+def test_local_reconstruction_loss_rejects_a_reconstruction_of_the_wrong_size(generator):
+    images = torch.randn(1, 3, 32, 32, generator=generator)
+    with pytest.raises(ValueError, match="64"):
+        local_reconstruction_loss(torch.zeros(1, 16, 4, 4), images, 0.5, 8)
+
+
+def test_local_reconstruction_loss_is_float32_under_autocast(generator):
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    reconstruction = torch.randn(2, 64, 4, 4, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = local_reconstruction_loss(reconstruction.bfloat16(), images, 0.5, 8)
+    assert loss.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
 # LossWeights / combine_losses
 # ---------------------------------------------------------------------------------------------
 
@@ -520,6 +612,7 @@ def test_loss_weights_paper_defaults():
     assert (weights.classification, weights.cluster, weights.separation) == (1.0, 0.02, 0.02)
     assert weights.separation_margin == 2.0
     assert (weights.cross_image, weights.interpretation, weights.prediction) == (0.5, 0.5, 10.0)
+    assert weights.local_reconstruction == 0.0  # not in the paper
 
 
 def test_combine_losses_weights_every_term():
@@ -581,7 +674,7 @@ def test_only_combine_losses_loops_and_only_over_term_names():
     assert len(functions) >= 12
     for function in functions:
         has_loop = any(isinstance(node, loop_types) for node in ast.walk(function))
-        # combine_losses walks the (at most six) named terms; nothing else may loop.
+        # combine_losses walks the (at most seven) named terms; nothing else may loop.
         assert has_loop == (function.name == "combine_losses"), function.name
 
 

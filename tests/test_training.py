@@ -55,6 +55,7 @@ def test_full_run_writes_the_output_contract(config_factory):
     assert {"classification", "cluster", "separation", "cross_image", "interpretation", "prediction",
             "val_mean_auc", "lr_backbone", "lr_last_layer"} <= set(rows[0])
     assert rows[-1]["stage"] == "last_layer" and rows[1]["cross_image"] != ""
+    assert all(row["local_reconstruction"] == "" for row in rows) == (config.weight_local_reconstruction == 0)
     # Each row shows the rates its stage trained with: lr_milestones (2,) halves them from epoch 2 on.
     assert [float(row["lr_backbone"]) for row in rows[:3]] == pytest.approx([config.lr_backbone] * 2 + [config.lr_backbone / 2])
     plan = stage_plan(config, config.synthetic_train_size)  # what --dry-run prints
@@ -98,6 +99,48 @@ def test_same_seed_same_weights_and_resume_is_exact(config_factory):
     assert json.loads((straight / "results.json").read_text())["test"] == json.loads((interrupted / "results.json").read_text())["test"]
     with (interrupted / "metrics.csv").open() as stream:
         assert [int(row["stage_index"]) for row in csv.DictReader(stream)] == list(range(len(build_schedule(resumed_config))))
+
+
+def test_local_reconstruction_trains_its_decoder_in_warm_up_only_and_resumes_exactly(config_factory):
+    options = dict(warmup_epochs=2, weight_local_reconstruction=1.0)
+    straight = main.train(config_factory("straight", **options), progress=False)
+    # The same run in three pieces: stage 0 (warm-up), stage 1 (warm-up), the rest.
+    pieces = config_factory("pieces", max_stages=1, **options)
+    main.train(pieces, progress=False)
+    after_stage = []
+    for max_stages in (1, 0):
+        state = load_checkpoint(pieces.out_dir)
+        after_stage.append(state["local_decoder"])
+        resumed = main.config_for_resume(state, main.get_args_parser().parse_args(["--max-stages", str(max_stages)]))
+        main.train(resumed, resume_state=state, progress=False)
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(pieces.out_dir)
+    for part in ("model", "teacher", "local_decoder"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    after_warm_up = load_checkpoint(pieces.out_dir)["local_decoder"]
+    assert not torch.equal(after_stage[0]["weight"], after_stage[1]["weight"])  # the second warm-up epoch trains it
+    assert torch.equal(after_stage[1]["weight"], after_warm_up["weight"])  # nothing after warm-up does
+    with (straight / "metrics.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["stage"] for row in rows if row["local_reconstruction"]] == ["warmup", "warmup"]
+    # The decoder is the trainer's, not the model's: the model's weights are those of any CIPL network.
+    assert not any(key.startswith("local_decoder") for key in a["model"])
+
+
+def test_local_decoder_draws_from_a_generator_of_its_own():
+    from model import CIPL
+    from utils.training import build_local_decoder
+
+    model = CIPL(["a", "No Finding"], backbone="tiny", prototype_dim=16, prototypes_per_class=2)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    decoder = build_local_decoder(model)
+    assert torch.equal(torch.get_rng_state(), before)  # every other draw of the run stays as it was
+    assert decoder.weight.shape == (64, 16, 1, 1)  # the tiny backbone's 8 x 8 blocks
+    assert decoder.weight.abs().max() <= 16 ** -0.5 and not decoder.bias.any()
+    assert torch.equal(build_local_decoder(model).weight, decoder.weight)
 
 
 def test_different_seed_different_weights(config_factory):

@@ -102,7 +102,42 @@ def loss_weights(config) -> losses.LossWeights:
         cross_image=config.weight_cross_image,
         interpretation=config.weight_interpretation,
         prediction=config.weight_prediction,
+        local_reconstruction=config.weight_local_reconstruction,
     )
+
+
+# The local decoder's initial weights come from a generator of their own: switching the term on leaves
+# every other initial weight and random draw of a run as they were without it.
+LOCAL_DECODER_SEED = 20261127
+
+
+def build_local_decoder(model: CIPL) -> torch.nn.Conv2d:
+    """The warm-up's local decoder (settings.weight_local_reconstruction): a 1 x 1 convolution from a
+    cell's D features to the stride x stride grey pixels at its centre; weights uniform in
+    +-1/sqrt(D), as PyTorch's own default draws them, and biases 0."""
+    step = int(model.cell_grid(1).step)
+    with torch.random.fork_rng(devices=[]):  # the constructor's own draw is overwritten below
+        decoder = torch.nn.Conv2d(model.prototype_dim, step * step, kernel_size=1)
+    generator = torch.Generator().manual_seed(LOCAL_DECODER_SEED)
+    bound = 1.0 / model.prototype_dim ** 0.5
+    with torch.no_grad():
+        decoder.weight.copy_((torch.rand(decoder.weight.shape, generator=generator) * 2 - 1) * bound)
+        decoder.bias.zero_()
+    return decoder
+
+
+class ReconstructingNetwork(torch.nn.Module):
+    """The model and the local decoder as one module for warm-up steps, so that DistributedDataParallel
+    and torch.compile see both: images -> (the model's output, the decoder's output on its features)."""
+
+    def __init__(self, model: CIPL, decoder: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor):
+        output = self.model(images)
+        return output, self.decoder(output.features)
 
 
 def prototype_terms(prototype_class, output, targets, margin: float) -> dict:
@@ -176,6 +211,14 @@ class Trainer:
         self.last_layer_optimizer = torch.optim.Adam(
             [dict(params=model.last_layer.parameters(), lr=config.lr_last_layer, name="last_layer")], weight_decay=0.0
         )
+        # Not in the paper: the warm-up's local reconstruction term and the decoder it trains, stepped
+        # with the add-on's learning rate (it gets no gradient outside warm-up).
+        self.local_decoder = None
+        if config.weight_local_reconstruction > 0:
+            self.local_decoder = build_local_decoder(model).to(device)
+            self.joint_optimizer.add_param_group(
+                dict(params=list(self.local_decoder.parameters()), lr=config.lr_add_on, name="local_decoder")
+            )
         self.joint_scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.joint_optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma
         )
@@ -188,12 +231,14 @@ class Trainer:
         train = splits.train
         self.num_samples = config.samples_per_epoch or len(train)
         self.eval_transform = EvalTransform(config.image_size)
+        self.cell_grid = model.cell_grid(config.image_size)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return dict(
             model=self.model.state_dict(),
             teacher=self.teacher.state_dict() if self.teacher is not None else None,
+            local_decoder=self.local_decoder.state_dict() if self.local_decoder is not None else None,
             optimizers=dict(joint=self.joint_optimizer.state_dict(), last_layer=self.last_layer_optimizer.state_dict()),
             schedulers=dict(joint=self.joint_scheduler.state_dict()),
             grad_scaler=self.scaler.state_dict(),
@@ -208,6 +253,8 @@ class Trainer:
         if state.get("teacher") is not None:
             self.teacher = EmaTeacher(self.model, self.config.ema_decay).to(self.device)
             self.teacher.load_state_dict(state["teacher"])
+        if self.local_decoder is not None:
+            self.local_decoder.load_state_dict(state["local_decoder"])
         self.joint_optimizer.load_state_dict(state["optimizers"]["joint"])
         self.last_layer_optimizer.load_state_dict(state["optimizers"]["last_layer"])
         self.joint_scheduler.load_state_dict(state["schedulers"]["joint"])
@@ -286,8 +333,12 @@ class Trainer:
         and compiled with --compile. One wrapper per set of trainable parameters, because DDP fixes
         that set when it is built."""
         key = "last_layer" if kind == "last_layer" else "joint"
+        if kind == "warmup" and self.local_decoder is not None:
+            key = "warmup"
         if key not in self._networks:
             network: torch.nn.Module = self.model
+            if key == "warmup":
+                network = ReconstructingNetwork(self.model, self.local_decoder)
             if self.context.enabled:
                 device_ids = [self.device.index] if self.device.type == "cuda" else None
                 network = torch.nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
@@ -311,7 +362,15 @@ class Trainer:
                 if stage.kind == "warmup":
                     images = self._to_device(batch["image"])
                     targets = batch["target"].to(self.device, non_blocking=True)
-                    terms = prototype_terms(prototype_class, network(images), targets, self.config.separation_margin)
+                    if self.local_decoder is None:
+                        output = network(images)
+                    else:
+                        output, reconstruction = network(images)
+                    terms = prototype_terms(prototype_class, output, targets, self.config.separation_margin)
+                    if self.local_decoder is not None:
+                        terms["local_reconstruction"] = losses.local_reconstruction_loss(
+                            reconstruction, images, self.cell_grid.first, int(self.cell_grid.step)
+                        )
                 else:
                     views, views_prime, targets, _ = unpack_pairs(batch)
                     views, views_prime = self._to_device(views), self._to_device(views_prime)

@@ -93,3 +93,13 @@ def test_stage_plan_rates_and_parameters():
     counts = parameter_counts(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["prototypes"] == model.num_prototypes * config.prototype_dim
+
+
+def test_stage_plan_names_the_local_decoder_only_when_it_trains():
+    def warm_up_line(weight):
+        config = preset_config("synthetic", epochs=2, warmup_epochs=1, push_epochs=(1,),
+                               weight_local_reconstruction=weight)
+        return stage_plan(config, num_train=100)[0].trains
+
+    assert "local decoder" in warm_up_line(1.0)
+    assert "local decoder" not in warm_up_line(0.0)

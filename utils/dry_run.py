@@ -48,7 +48,9 @@ def stage_plan(config, num_train: int, world_size: int = 1) -> list[PlannedStage
     samples = config.samples_per_epoch or num_train
     teacher = " (the EMA teacher follows)" if config.uses_alignment else ""
     trains = dict(
-        warmup="backbone, top layer, add-on, prototypes; single images",
+        warmup="backbone, top layer, add-on, prototypes"
+               + (", local decoder (L_rec, not in the paper)" if config.weight_local_reconstruction > 0 else "")
+               + "; single images",
         paired="backbone, top layer, add-on, prototypes; pairs, two views" + teacher,
         push="nothing: each prototype becomes its nearest training patch",
         last_layer="last layer only" + teacher,

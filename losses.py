@@ -26,13 +26,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LossWeights",
+    "cell_patches",
     "class_min_distances",
     "classification_loss",
     "cluster_loss",
     "combine_losses",
     "cross_image_loss",
     "disease_margins",
-    "cell_patches",
     "interpretation_alignment_loss",
     "local_reconstruction_loss",
     "prediction_alignment_loss",
@@ -269,10 +269,11 @@ def cell_patches(images: Tensor, cells: tuple[int, int], first: float, step: int
     Cell (i, j)'s receptive field is centred at ``first + i * step`` pixels down and ``first + j *
     step`` across (:class:`model.CellGrid`; pixel p covers [p, p + 1)). Its block is the one of
     ``step`` x ``step`` pixels whose centre lies nearest that point, half a pixel below and right of
-    it when two are equally near: rows ``ceil(first - step / 2) + i * step`` onwards, and the same
-    for columns. Grey is the mean over the image's channels; pixels outside the image count as 0 (the
-    normalised image's mean). The blocks tile the image, so they are cut by cropping or padding it to
-    ``step * cells`` pixels and folding each block into channels, not by a loop over cells.
+    it when two are equally near: rows ``floor(first - step / 2 + 1 / 2) + i * step`` onwards, and
+    the same for columns. Grey is the mean over the image's channels; pixels outside the image count
+    as 0 (the mean grey of the input normalisation). Side by side the blocks cover the image but for a
+    margin under ``step`` pixels wide, so they are cut by cropping or padding it to ``step * cells``
+    pixels and folding each block into channels, not by a loop over cells.
 
     Shapes: ``images`` [N, C, S_h, S_w] -> [N, step * step, H, W], where ``cells`` = (H, W) and a
     block's pixel (r, c) is channel ``r * step + c``.
@@ -280,7 +281,7 @@ def cell_patches(images: Tensor, cells: tuple[int, int], first: float, step: int
     if images.dim() != 4:
         raise ValueError(f"images must be [N, C, S_h, S_w], got shape {tuple(images.shape)}")
     height, width = cells
-    start = math.ceil(first - step / 2)
+    start = math.floor(first - step / 2 + 0.5)
     grey = images.mean(dim=1, keepdim=True)
     # Negative padding crops: the framed image starts at pixel `start` and is step * cells long.
     framed = F.pad(grey, (-start, start + step * width - grey.shape[-1], -start, start + step * height - grey.shape[-2]))
@@ -319,16 +320,18 @@ class LossWeights:
     local_reconstruction: float = 0.0  # not in the paper; warm-up only (settings: weight_local_reconstruction)
 
 
-# Keys of ``combine_losses``'s ``terms``; each is also a LossWeights field of the same name.
-LOSS_TERMS = (
+# The terms of a paired step (METHOD.md, Losses, "Total").
+PAIRED_TERMS = (
     "classification",
     "cluster",
     "separation",
     "cross_image",
     "interpretation",
     "prediction",
-    "local_reconstruction",
 )
+# Keys of ``combine_losses``'s ``terms``; each is also a LossWeights field of the same name. The last
+# is this project's warm-up term, not the paper's.
+LOSS_TERMS = PAIRED_TERMS + ("local_reconstruction",)
 
 
 def combine_losses(terms: dict[str, Tensor], weights: LossWeights) -> Tensor:

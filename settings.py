@@ -416,7 +416,7 @@ _HELP = {
     "lr_milestones": "epochs (counted over warm-up and paired epochs) at which the backbone, add-on and "
                      "prototype learning rates are multiplied by --lr-gamma (paper: 10 20 25 30 35)",
     "lr_gamma": "factor applied to those learning rates at each milestone (paper: 0.5)",
-    "weight_decay": "Adam weight decay of the backbone, add-on and prototypes (paper: 0)",
+    "weight_decay": "Adam weight decay of the backbone, add-on and prototypes (and of L_rec's decoder) (paper: 0)",
     "ema_decay": "decay of the EMA teacher per optimizer step: teacher = decay x teacher + (1 - decay) x "
                  "student (paper: 0.999)",
     "select_pushed_only": "choose the best checkpoint on validation only among pushed (prototype-grounded, "

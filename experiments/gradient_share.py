@@ -50,7 +50,7 @@ def measure_gradient_shares(run: str | Path, batches: int = 8, seed: int = 1234)
                                    no_finding_multiplier=config.no_finding_weight_paired, paired=True, seed=seed)
     loader = DataLoader(PairedTwoViewDataset(train, TwoViewTransform(config)), batch_size=config.batch_size,
                         sampler=sampler, drop_last=True)
-    names = list(losses.LOSS_TERMS)
+    names = list(losses.PAIRED_TERMS)
     values, norms, cosines = [], [], []
     for batch in loader:
         views, views_prime, targets, _ = unpack_pairs(batch)

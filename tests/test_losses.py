@@ -521,15 +521,19 @@ def ref_cell_patch(image, i: int, j: int, first: float, step: int) -> list[float
     """The grey block of cell (i, j), pixel by pixel: the step x step pixels whose centre lies nearest
     the cell's receptive-field centre (half a pixel down and right on a tie), 0 outside the image."""
     channels, height, width = len(image), len(image[0]), len(image[0][0])
-    top = math.ceil(first + i * step - step / 2)
-    left = math.ceil(first + j * step - step / 2)
+
+    def nearest_start(centre: float) -> int:  # a block from p to p + step has its centre at p + step / 2
+        candidates = range(math.floor(centre) - step, math.ceil(centre) + 1)
+        return min(candidates, key=lambda start: (abs(start + step / 2 - centre), -start))
+
+    top, left = nearest_start(first + i * step), nearest_start(first + j * step)
     block = []
     for row in range(top, top + step):
         for column in range(left, left + step):
             inside = 0 <= row < height and 0 <= column < width
             block.append(sum(image[c][row][column] for c in range(channels)) / channels if inside else 0.0)
-    # The block's centre lies within half a pixel of the cell's centre, below and right of it.
-    assert (top + step / 2) - (first + i * step) in (0.0, 0.5)
+    # The block's centre lies within half a pixel of the cell's centre.
+    assert abs(top + step / 2 - (first + i * step)) <= 0.5 and abs(left + step / 2 - (first + j * step)) <= 0.5
     return block
 
 
@@ -545,15 +549,16 @@ def ref_local_reconstruction(reconstruction, images, first: float, step: int) ->
     return total / count
 
 
-# (image side, cells, first receptive-field centre, step): the tiny backbone's grid (a block hangs 3 px
-# over the top and left edge), DenseNet-121's (+14 px), a ResNet's (15.5 px over), and a grid that needs
-# the image cropped at the bottom right.
-CELL_GRIDS = [(32, (4, 4), 0.5, 8), (64, (2, 2), 14.5, 32), (64, (2, 2), 0.5, 32), (21, (2, 2), 2.5, 4)]
+# (image height and width, cells, first receptive-field centre, step): the tiny backbone's grid (a
+# block hangs 3 px over the top and left edge), DenseNet-121's (+14 px), a ResNet's (15.5 px over), a
+# grid that needs the image cropped at the bottom right, an off-grid centre, and a wide image.
+CELL_GRIDS = [((32, 32), (4, 4), 0.5, 8), ((64, 64), (2, 2), 14.5, 32), ((64, 64), (2, 2), 0.5, 32),
+              ((21, 21), (2, 2), 2.5, 4), ((24, 24), (3, 3), 3.3, 8), ((40, 64), (5, 8), 0.5, 8)]
 
 
 @pytest.mark.parametrize("side, cells, first, step", CELL_GRIDS)
 def test_cell_patches_match_reference(generator, side, cells, first, step):
-    images = torch.randn(2, 3, side, side, generator=generator, dtype=torch.float64)
+    images = torch.randn(2, 3, *side, generator=generator, dtype=torch.float64)
     patches = cell_patches(images, cells, first, step)
     assert patches.shape == (2, step * step, *cells)
     nested = images.tolist()
@@ -572,7 +577,7 @@ def test_cell_patches_same_in_channels_last_memory():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("side, cells, first, step", CELL_GRIDS[::3])
 def test_local_reconstruction_loss_matches_reference(generator, dtype, side, cells, first, step):
-    images = torch.randn(3, 3, side, side, generator=generator, dtype=dtype)
+    images = torch.randn(3, 3, *side, generator=generator, dtype=dtype)
     reconstruction = torch.randn(3, step * step, *cells, generator=generator, dtype=dtype)
     loss = local_reconstruction_loss(reconstruction, images, first, step)
     expected = ref_local_reconstruction(reconstruction.tolist(), images.tolist(), first, step)
@@ -623,13 +628,14 @@ def test_combine_losses_weights_every_term():
         "cross_image": 0.75,
         "interpretation": 3.0,
         "prediction": 0.125,
+        "local_reconstruction": 0.5,
     }
     terms = {name: scalar(value) for name, value in values.items()}
     weights = LossWeights(
         classification=2.0, cluster=0.5, separation=4.0, cross_image=3.0, interpretation=0.1,
-        prediction=8.0,
+        prediction=8.0, local_reconstruction=0.25,
     )
-    expected = 2.0 * 1.5 + 0.5 * 2.0 + 4.0 * 0.25 + 3.0 * 0.75 + 0.1 * 3.0 + 8.0 * 0.125
+    expected = 2.0 * 1.5 + 0.5 * 2.0 + 4.0 * 0.25 + 3.0 * 0.75 + 0.1 * 3.0 + 8.0 * 0.125 + 0.25 * 0.5
     assert_close(combine_losses(terms, weights), scalar(expected))
 
 

@@ -107,6 +107,7 @@ def test_local_reconstruction_trains_its_decoder_in_warm_up_only_and_resumes_exa
     # The same run in three pieces: stage 0 (warm-up), stage 1 (warm-up), the rest.
     pieces = config_factory("pieces", max_stages=1, **options)
     main.train(pieces, progress=False)
+    after_first_stage = load_checkpoint(pieces.out_dir)["model"]
     after_stage = []
     for max_stages in (1, 0):
         state = load_checkpoint(pieces.out_dir)
@@ -127,6 +128,9 @@ def test_local_reconstruction_trains_its_decoder_in_warm_up_only_and_resumes_exa
     assert [row["stage"] for row in rows if row["local_reconstruction"]] == ["warmup", "warmup"]
     # The decoder is the trainer's, not the model's: the model's weights are those of any CIPL network.
     assert not any(key.startswith("local_decoder") for key in a["model"])
+    # ... and the term trains the model: the same seed without it ends warm-up elsewhere.
+    without = main.train(config_factory("without", max_stages=1, warmup_epochs=2), progress=False)
+    assert not torch.equal(load_checkpoint(without)["model"]["prototypes"], after_first_stage["prototypes"])
 
 
 def test_local_decoder_draws_from_a_generator_of_its_own():

@@ -87,9 +87,12 @@ def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(confi
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3  # two runs and the stale writer
     terms = ["classification", "cluster", "separation", "cross_image", "interpretation", "prediction", "loss"]
+    groups = ["backbone", "add_on", "prototypes", "last_layer"]
+    if config.weight_local_reconstruction > 0:  # the synthetic preset's L_rec and its decoder
+        terms, groups = terms + ["local_reconstruction"], groups + ["local_decoder"]
     expected = (
         {f"train/{term}" for term in terms} | {f"stage/{term}" for term in terms}
-        | {f"lr/{group}" for group in ("backbone", "add_on", "prototypes", "last_layer")}
+        | {f"lr/{group}" for group in groups}
         | {"val/mean_auc"} | {f"val/auc/{name}" for name in DISEASES}
         | {"push/pushed_prototypes", "push/distinct_source_images", "push/reused_images"}
         | {f"push/distinct_source_images/{name}" for name in CLASSES} | {f"push/mean_distance/{name}" for name in CLASSES}
@@ -115,6 +118,8 @@ def test_event_files_hold_every_tag_and_a_resume_continues_without_overlap(confi
     assert steps(events, "train/loss") == running_means
     assert -1.0 not in [event.value for tag in ("train/loss", "val/mean_auc") for event in events.Scalars(tag)]
     assert steps(events, "train/cross_image") == running_means[1:]  # no cross-image term in warm-up
+    if config.weight_local_reconstruction > 0:
+        assert steps(events, "train/local_reconstruction") == running_means[:1]  # warm-up only
     assert steps(events, "stage/loss") == [end for end, stage in zip(stage_ends, schedule) if stage.kind != "push"]
     assert steps(events, "push/pushed_prototypes") == [11, 20]
     assert [event.step for event in events.Images("push/gallery/Effusion")] == [11, 20]

@@ -129,7 +129,8 @@ def test_local_reconstruction_trains_its_decoder_in_warm_up_only_and_resumes_exa
     # The decoder is the trainer's, not the model's: the model's weights are those of any CIPL network.
     assert not any(key.startswith("local_decoder") for key in a["model"])
     # ... and the term trains the model: the same seed without it ends warm-up elsewhere.
-    without = main.train(config_factory("without", max_stages=1, warmup_epochs=2), progress=False)
+    without = main.train(config_factory("without", max_stages=1, warmup_epochs=2, weight_local_reconstruction=0.0),
+                         progress=False)
     assert not torch.equal(load_checkpoint(without)["model"]["prototypes"], after_first_stage["prototypes"])
 
 

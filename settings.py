@@ -180,8 +180,8 @@ PRESETS: dict[str, dict] = {
         # 0.505 +- 0.213 to 0.720 +- 0.060 (+0.215, 95 % interval [+0.072, +0.358]) and CIPL's pointing
         # game from 0.638 to 0.817; AUC moved +0.010 [-0.006, +0.026]. More runs piled 4 of 12 prototypes of
         # a class on one cell (6 of 12 against 3, within chance), and 33 of those 36 sit inside a lesion box
-        # of their own class in their own image. Weight 3 cost warm-up about 0.16 validation AUC; 0.3 did not narrow the
-        # spread between seeds. docs/proving_ground.md has the tables.
+        # of their own class in their own image. Weight 3 cost warm-up about 0.16 validation AUC; 0.3 did not
+        # narrow the spread between seeds. docs/proving_ground.md has the tables.
         weight_local_reconstruction=1.0,
         # M: several lesion patterns per class, 84 prototypes in all. With 8 the collapse rule (no cell or
         # image holding more than a quarter) allowed only 2 per cell, and an enlarged heart, which sits on

@@ -116,8 +116,7 @@ def build_local_decoder(model: CIPL) -> torch.nn.Conv2d:
     cell's D features to the stride x stride grey pixels at its centre; weights uniform in
     +-1/sqrt(D), as PyTorch's own default draws them, and biases 0."""
     step = int(model.cell_grid(1).step)
-    with torch.random.fork_rng(devices=[]):  # the constructor's own draw is overwritten below
-        decoder = torch.nn.Conv2d(model.prototype_dim, step * step, kernel_size=1)
+    decoder = torch.nn.utils.skip_init(torch.nn.Conv2d, model.prototype_dim, step * step, kernel_size=1)
     generator = torch.Generator().manual_seed(LOCAL_DECODER_SEED)
     bound = 1.0 / model.prototype_dim ** 0.5
     with torch.no_grad():

@@ -26,6 +26,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
@@ -119,15 +120,19 @@ def run(args: argparse.Namespace) -> Path:
         complete = len(provenance) == model.num_prototypes
         reused = [bool(record.get("reused_image", False)) for record in provenance]
         nearest = [record.get("nearest_before_push") for record in provenance]
+        capped = complete and all("moved_by_cell_cap" in record for record in provenance)
+        cell_cap = SimpleNamespace(moved_by_cell_cap=[record["moved_by_cell_cap"] for record in provenance],
+                                   distance_given_up=[record["distance_given_up"] for record in provenance]) if capped else None
         records = provenance_records(model, train.image_ids, reused if complete else None,
-                                     nearest if complete and None not in nearest else None)
+                                     nearest if complete and None not in nearest else None, cell_cap)
         target = None
     else:
         if model.is_pushed:
             logger.info("the checkpoint is already pushed; pushing again with its current prototypes")
         push_set = TransformedDataset(train, EvalTransform(config.image_size))
         records = push_prototypes(model, push_set, device, batch_size=batch_size, num_workers=config.num_workers,
-                                  progress=progress, image_ids=train.image_ids)
+                                  progress=progress, image_ids=train.image_ids,
+                                  max_cell_share=config.push_max_cell_share)
         target = pushed_checkpoint_path(checkpoint)
     grounding = prototype_grounding(model, train, config.image_size, device, batch_size)
     if not args.visualise_only:

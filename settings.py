@@ -77,6 +77,9 @@ class Config:
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     select_pushed_only: bool = True  # model selection only among prototype-grounded models
+    # Not in the paper (1 = off; the synthetic preset uses 0.25): the push puts at most this share of a
+    # class's prototypes on one feature-map cell (utils/projection.py, "cell cap").
+    push_max_cell_share: float = 1.0
     max_stages: int = 0  # stop after this many schedule stages (0 = run to the end); resume later
 
     # --- losses (METHOD.md "Losses") --------------------------------------------------------
@@ -197,6 +200,11 @@ PRESETS: dict[str, dict] = {
         # and validation AUC from 0.86 to 0.98 (trial seeds 10-13, one H100). The README's
         # proving-ground figures use 2400; the default stays a run that finishes in minutes.
         epochs=13, warmup_epochs=6, push_epochs=(10, 12), last_layer_epochs=1, samples_per_epoch=800,
+        # Not in the paper: the push's cell cap (at most 3 of a class's 12 prototypes on one cell). The heart
+        # lies on the same few cells in every image, so 12 heart patches from 12 images land 4 on one cell
+        # in 37 % of random draws; without the cap 6 of 12 runs (2400 anchors) piled 4 prototypes of a class
+        # onto one cell, 33 of those 36 inside a lesion box of their own class. Figures: docs/proving_ground.md.
+        push_max_cell_share=0.25,
         lr_milestones=(10,),  # one halving, from the epoch of the first push (the paper: at epoch 10 of 41, then every 5)
         batch_size=16,  # pairs per step; 24 in the paper, fewer here so that a step costs ~0.4 s on a CPU
         class_weight_cap=10.0,  # six diseases at 11-19 % prevalence need no weight above 10
@@ -245,6 +253,7 @@ RANGES = {
     "localisation_threshold": (0.0, 1.0, False, True, "a share of the normalised evidence map"),
     "affine_translate": (0.0, 1.0, True, True, "a share of the image side"),
     "affine_degrees": (0.0, 180.0, True, True, "degrees"),
+    "push_max_cell_share": (0.0, 1.0, False, True, "a share of a class's prototypes"),
     "affine_shear": (0.0, 90.0, True, False, "degrees"),
 }
 CHOICES = {
@@ -431,6 +440,10 @@ _HELP = {
                  "student (paper: 0.999)",
     "select_pushed_only": "choose the best checkpoint on validation only among pushed (prototype-grounded, "
                           "interpretable) models",
+    "push_max_cell_share": "the cell cap, not in the paper: the push puts at most floor(share x M) of a class's M "
+                           "prototypes on one feature-map cell (in any images); a prototype whose nearest free "
+                           "patch lies on a full cell takes its nearest patch on another cell (paper: none, 1 = "
+                           "off; the synthetic preset: 0.25, the collapse rule's quarter)",
     # losses and ablations
     "weight_classification": "weight of L_cls, the two-way No Finding vs disease cross-entropy (paper: 1)",
     "weight_cluster": "weight of L_clst, which pulls each image's features towards its classes' prototypes "
@@ -495,7 +508,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "schedule": (
         "epochs", "warmup_epochs", "push_epochs", "last_layer_epochs", "batch_size", "lr_backbone", "lr_add_on",
         "lr_prototypes", "lr_last_layer", "lr_milestones", "lr_gamma", "weight_decay", "ema_decay",
-        "select_pushed_only",
+        "select_pushed_only", "push_max_cell_share",
     ),
     "losses and ablations": (
         "weight_classification", "weight_cluster", "weight_separation", "separation_margin", "weight_cross_image",

@@ -60,7 +60,10 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tmp_path, reconstr
     assert (one[0]["local_reconstruction"] != "") == (reconstruction_weight == "1")
 
 
-def test_distributed_push_selects_the_same_prototypes(tmp_path):
+# METHOD.md's push, and with the cell cap (at most 1 of a class's 2 prototypes per cell), whose by-cell
+# candidates the processes merge too.
+@pytest.mark.parametrize("max_cell_share", ["1", "0.5"])
+def test_distributed_push_selects_the_same_prototypes(tmp_path, max_cell_share):
     run_dir = tmp_path / "run"
     run([sys.executable, "main.py", *TINY, "--max-stages", "2", "--out-dir", str(run_dir)])
     checkpoint = run_dir / "checkpoints" / "last.pt"
@@ -68,8 +71,8 @@ def test_distributed_push_selects_the_same_prototypes(tmp_path):
     # torchrun gives each process one thread; so does the single process here, so that the two
     # compute with the same reduction order and can be compared bit for bit.
     one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun sets 1 only where the variable is unset
-    run([sys.executable, script, str(checkpoint), str(tmp_path / "one.pt")], env=one_thread)
-    run([*TORCHRUN, script, str(checkpoint), str(tmp_path / "two.pt")], env=one_thread)
+    run([sys.executable, script, str(checkpoint), str(tmp_path / "one.pt"), max_cell_share], env=one_thread)
+    run([*TORCHRUN, script, str(checkpoint), str(tmp_path / "two.pt"), max_cell_share], env=one_thread)
     one = torch.load(tmp_path / "one.pt", weights_only=False)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     assert torch.equal(one["prototypes"], two["prototypes"])
@@ -77,3 +80,5 @@ def test_distributed_push_selects_the_same_prototypes(tmp_path):
     # No image twice, except where the greedy rule ran out of unused images of a class (flagged as reused).
     used = [record["image_index"] for record in one["provenance"] if not record["reused_image"]]
     assert len(set(used)) == len(used) and len(used) >= len(one["provenance"]) - 2
+    if max_cell_share != "1":
+        assert any(record["moved_by_cell_cap"] for record in one["provenance"]), "the cap must bind here"

@@ -103,6 +103,93 @@ def test_push_follows_the_nonrepetitive_rule_exactly(tiny_setup):
     assert [record["nearest_before_push"] for record in records] == nearest.tolist()
 
 
+def reference_capped_push(features: torch.Tensor, prototypes: torch.Tensor, targets: np.ndarray,
+                          prototype_class: list[int], cap: int):
+    """The push with the cell cap written out: prototype j takes the nearest (image, cell) among images
+    of its class that no earlier prototype took, on a cell holding fewer than ``cap`` prototypes of its
+    class; it was moved by the cap when the nearest such pair on any cell is nearer. When every image
+    of its class is taken, the same over all of them (reused). float64, loops. Returns (distance,
+    image, (row, col), moved, reused) per prototype."""
+    features = features.double()
+    width = features.shape[-1]
+    used, taken, chosen = set(), {}, []
+    for j, p in enumerate(prototypes.double()):
+        klass = prototype_class[j]
+        for reused in (False, True):
+            best_open = best_any = None
+            for image in range(features.shape[0]):
+                if targets[image, klass] <= 0 or (image in used and not reused):
+                    continue
+                distances = ((features[image] - p[:, None, None]) ** 2).sum(0).flatten()
+                for cell, value in enumerate(distances.tolist()):
+                    key = (value, image, cell)
+                    best_any = key if best_any is None or key < best_any else best_any
+                    if taken.get((klass, cell), 0) < cap and (best_open is None or key < best_open):
+                        best_open = key
+            if best_open is not None:
+                break
+        value, image, cell = best_open
+        used.add(image)
+        taken[(klass, cell)] = taken.get((klass, cell), 0) + 1
+        chosen.append((value, image, divmod(cell, width), best_open != best_any, reused))
+    return chosen
+
+
+def test_cell_cap_follows_its_rule_exactly(caplog):
+    config = tiny_config(image_size=96, prototypes_per_class=6)
+    splits = build_datasets(config)
+    model = spread_model(config)
+    # Every prototype of a class starts near one corner patch of one image of the class: the plain push
+    # piles them onto that corner cell of other images, and the cap (2 of 6 per cell at share 0.34)
+    # binds. The small classes also run out of images, so the reused fallback is exercised too.
+    dataset = TransformedDataset(splits.train, EvalTransform(config.image_size))
+    with torch.no_grad():
+        features = model.extract_features(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
+        for klass in range(model.num_classes):
+            image = int(np.flatnonzero(splits.train.targets[:, klass] > 0)[0])
+            model.prototypes[model.prototype_class == klass] = features[image, :, 0, 0] + 0.01 * torch.randn(
+                int((model.prototype_class == klass).sum()), features.shape[1])
+    before = model.prototypes.detach().clone()
+    plain = spread_model(config)
+    with torch.no_grad():
+        plain.prototypes.copy_(before)
+    push_prototypes(plain, dataset, "cpu", batch_size=10, progress=False)
+    per_cell = {}
+    for klass, cell in zip(plain.prototype_class.tolist(), plain.prototype_source_location.tolist()):
+        per_cell[(klass, *cell)] = per_cell.get((klass, *cell), 0) + 1
+    assert max(per_cell.values()) > 2, "the fixture must pile prototypes up, or the cap is not tested"
+
+    expected = reference_capped_push(features, before, splits.train.targets, model.prototype_class.tolist(), cap=2)
+    with caplog.at_level("INFO", logger="utils.projection"):
+        records = push_prototypes(model, dataset, "cpu", batch_size=10, progress=False, max_cell_share=0.34)
+    assert any(choice[4] for choice in expected)
+    for j, (distance, image, (row, col), moved, reused) in enumerate(expected):
+        assert model.prototype_source_index[j].item() == image
+        assert model.prototype_source_location[j].tolist() == [row, col]
+        assert model.prototype_source_distance[j].item() == pytest.approx(distance, rel=1e-4, abs=2e-5)  # float32 distances of near-equal vectors
+        torch.testing.assert_close(model.prototypes[j].detach(), features[image, :, row, col], atol=1e-5, rtol=0)
+        assert records[j]["moved_by_cell_cap"] == moved and records[j]["reused_image"] == reused
+        assert (records[j]["distance_given_up"] > 0) == moved
+    per_cell = {}
+    for klass, cell in zip(model.prototype_class.tolist(), model.prototype_source_location.tolist()):
+        per_cell[(klass, *cell)] = per_cell.get((klass, *cell), 0) + 1
+    assert max(per_cell.values()) <= 2
+    assert sum(record["moved_by_cell_cap"] for record in records) > 0
+    assert "the cell cap moved" in caplog.text
+
+
+def test_cell_cap_that_never_binds_changes_nothing(tiny_setup):
+    config, splits = tiny_setup
+    dataset = TransformedDataset(splits.train, EvalTransform(config.image_size))
+    plain, capped = spread_model(config), spread_model(config)
+    plain_records = push_prototypes(plain, dataset, "cpu", batch_size=10, progress=False)
+    capped_records = push_prototypes(capped, dataset, "cpu", batch_size=10, progress=False, max_cell_share=0.99)
+    assert torch.equal(plain.prototypes, capped.prototypes)
+    assert torch.equal(plain.prototype_source_location, capped.prototype_source_location)
+    assert not any(record["moved_by_cell_cap"] for record in capped_records)
+    assert all("moved_by_cell_cap" not in record for record in plain_records)
+
+
 def test_push_warns_when_most_of_a_class_learnt_no_patch(caplog):
     config = tiny_config(image_size=64, prototypes_per_class=4)
     dataset = TransformedDataset(build_datasets(config).train, EvalTransform(config.image_size))

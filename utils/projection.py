@@ -14,6 +14,16 @@ Two passes over the push set (training images, deterministic resize):
 2. *select*: prototypes in index order take their nearest candidate whose image no earlier
    prototype took (global across classes); then the features of the chosen images (at most P of
    them) are recomputed and copied into the prototypes.
+
+Not in the paper, off unless ``max_cell_share < 1`` (``--push-max-cell-share``; the synthetic preset
+uses 0.25): a *cell cap*. A prototype may not take a feature-map cell that already holds
+``floor(share x M)`` of its class's M prototypes (in any images); it takes its nearest patch on a
+cell that is not full instead. Where the cap never binds, the push is METHOD.md's exactly. Where the
+plain selection piles more than the cap onto one cell, the classes concerned are scanned again with
+their ``k`` nearest images *per cell* ([P_c, cells, k]; ``k = P`` is enough for the same reason as
+above) and the selection is repeated, until no class is over its cap. A prototype whose nearest free
+patch lay on a full cell is marked ``moved_by_cell_cap`` in its provenance, with the distance it gave
+up, and the push logs how many moved per class.
 """
 from __future__ import annotations
 
@@ -35,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PushCandidates:
-    """Per prototype, its nearest candidates sorted by distance ([P, k]) and its nearest count ([P])."""
+    """Per prototype, its nearest candidates sorted by distance along the last dimension: [P, k] (one
+    candidate per image, at the image's nearest cell) or, for the cell cap's scan, [P, cells, k] (per
+    cell, its nearest images); and its nearest count ([P])."""
 
     distances: Tensor  # float, inf where there is no candidate
     image_indices: Tensor  # long, dataset index, -1 where none
@@ -43,27 +55,28 @@ class PushCandidates:
     nearest_counts: Tensor  # long [P]: images of its class to which the prototype is the class's nearest
 
 
-def empty_candidates(num_prototypes: int, k: int) -> PushCandidates:
+def empty_candidates(num_prototypes: int, k: int, cells: int | None = None) -> PushCandidates:
+    shape = (num_prototypes, k) if cells is None else (num_prototypes, cells, k)
     return PushCandidates(
-        distances=torch.full((num_prototypes, k), float("inf")),
-        image_indices=torch.full((num_prototypes, k), -1, dtype=torch.long),
-        locations=torch.zeros((num_prototypes, k), dtype=torch.long),
+        distances=torch.full(shape, float("inf")),
+        image_indices=torch.full(shape, -1, dtype=torch.long),
+        locations=torch.zeros(shape, dtype=torch.long),
         nearest_counts=torch.zeros(num_prototypes, dtype=torch.long),
     )
 
 
 def merge_candidates(current: PushCandidates, new: PushCandidates, k: int) -> PushCandidates:
     """Keep the k nearest of both, ties to the lower image index (stable and order-independent)."""
-    distances = torch.cat([current.distances, new.distances], dim=1)
-    image_indices = torch.cat([current.image_indices, new.image_indices], dim=1)
-    locations = torch.cat([current.locations, new.locations], dim=1)
+    distances = torch.cat([current.distances, new.distances], dim=-1)
+    image_indices = torch.cat([current.image_indices, new.image_indices], dim=-1)
+    locations = torch.cat([current.locations, new.locations], dim=-1)
     # Sort by image index first, then stably by distance: equal distances keep image-index order
     # no matter in which order batches (or ranks) arrived.
     missing = image_indices < 0
-    by_image = torch.sort(torch.where(missing, torch.iinfo(torch.long).max, image_indices), dim=1, stable=True).indices
-    distances, image_indices, locations = (t.gather(1, by_image) for t in (distances, image_indices, locations))
-    order = torch.sort(distances, dim=1, stable=True).indices[:, :k]
-    return PushCandidates(distances.gather(1, order), image_indices.gather(1, order), locations.gather(1, order),
+    by_image = torch.sort(torch.where(missing, torch.iinfo(torch.long).max, image_indices), dim=-1, stable=True).indices
+    distances, image_indices, locations = (t.gather(-1, by_image) for t in (distances, image_indices, locations))
+    order = torch.sort(distances, dim=-1, stable=True).indices[..., :k]
+    return PushCandidates(distances.gather(-1, order), image_indices.gather(-1, order), locations.gather(-1, order),
                           current.nearest_counts + new.nearest_counts)
 
 
@@ -92,45 +105,151 @@ def scan_push_set(model, loader: DataLoader, device, k: int, progress: bool = Tr
     return candidates
 
 
-def select_nonrepetitive(candidates: PushCandidates, num_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+@torch.no_grad()
+def batch_cell_candidates(model, images: Tensor, targets: Tensor, indices: Tensor, prototypes: Tensor) -> PushCandidates:
+    """For the given prototypes, every (image, cell) of this batch as a candidate: [p, cells, n], inf
+    where the image does not carry the prototype's class. The distances are those of
+    ``batch_candidates`` (computed against all prototypes, then indexed), so both scans agree bit for bit."""
+    distance_maps = squared_distances(model.extract_features(images), model.prototypes).flatten(2)  # [n, P, HW]
+    distance_maps = distance_maps[:, prototypes.to(distance_maps.device)]  # [n, p, HW]
+    eligible = targets.to(distance_maps.device)[:, model.prototype_class[prototypes]] > 0  # [n, p]
+    distances = torch.where(eligible.unsqueeze(2), distance_maps, torch.full_like(distance_maps, float("inf")))
+    image_indices = torch.where(eligible, indices.to(distances.device).unsqueeze(1), -1)  # [n, p]
+    cells = distances.shape[2]
+    locations = torch.arange(cells, device=distances.device).expand_as(distances)
+    return PushCandidates(distances.permute(1, 2, 0).cpu(), image_indices.T.unsqueeze(1).expand(-1, cells, -1).cpu(),
+                          locations.permute(1, 2, 0).cpu(), torch.zeros(len(prototypes), dtype=torch.long))
+
+
+def scan_cells(model, loader: DataLoader, device, k: int, prototypes: Tensor, progress: bool = True) -> PushCandidates:
+    """The cell cap's scan: for each of ``prototypes``, its k nearest images of its class on every cell."""
+    candidates = None
+    for batch in tqdm(loader, desc="push: scan by cell", leave=False, disable=not progress):
+        new = batch_cell_candidates(model, batch["image"].to(device), batch["target"], batch["index"], prototypes)
+        if candidates is None:
+            candidates = empty_candidates(len(prototypes), k, cells=new.distances.shape[1])
+        candidates = merge_candidates(candidates, new, k)
+    return candidates
+
+
+@dataclass
+class PushSelection:
+    """What the selection gives each prototype ([P] arrays)."""
+
+    image: np.ndarray  # dataset index, -1 where the class has no image
+    location: np.ndarray  # flat feature-map position
+    distance: np.ndarray
+    reused: np.ndarray  # bool: every candidate image was taken, so it reuses one
+    moved_by_cell_cap: np.ndarray  # bool: its nearest free patch lay on a full cell
+    distance_given_up: np.ndarray  # the cell cap's cost: distance taken minus that of the nearest free patch
+
+
+def _lexicographic_first(distances: np.ndarray, images: np.ndarray) -> int:
+    """Index of the smallest (distance, image, position): ties go to the lower image, then the lower cell."""
+    return int(np.lexsort((np.arange(len(distances)), images, distances))[0])
+
+
+def select_nonrepetitive(candidates: PushCandidates, num_images: int, cell_candidates: dict | None = None,
+                         prototype_class: np.ndarray | None = None, cell_cap: np.ndarray | None = None) -> PushSelection:
     """Greedy, in prototype order: each prototype takes its nearest candidate whose image is unused.
 
-    Returns (image index [P], flat location [P], distance [P], reused [P] bool). The rule is sequential
-    by definition (prototype j depends on 0..j-1), so this walks the P prototypes once over small
-    [P, k] arrays; a prototype whose candidates are all used falls back to its nearest (reused=True),
-    one with no candidate at all gets image -1.
+    The rule is sequential by definition (prototype j depends on 0..j-1), so this walks the P
+    prototypes once over small arrays; a prototype whose candidates are all used falls back to its
+    nearest (reused=True), one with no candidate at all gets image -1.
+
+    With the cell cap, ``cell_candidates`` maps each prototype of a capped class to its by-cell
+    candidates (numpy distances and images, [cells, k]) and ``cell_cap`` [K] gives each class's cap:
+    such a prototype takes, over the cells that hold fewer than the cap of its class, the nearest
+    unused image on any of them (ties: lower image, then lower cell).
     """
     distances = candidates.distances.numpy()
     image_indices = candidates.image_indices.numpy()
     locations = candidates.locations.numpy()
+    cell_candidates = cell_candidates or {}
     used = np.zeros(num_images + 1, dtype=bool)  # last slot absorbs index -1
     num_prototypes = distances.shape[0]
-    chosen = np.full(num_prototypes, -1, dtype=np.int64)
-    chosen_location = np.zeros(num_prototypes, dtype=np.int64)
-    chosen_distance = np.full(num_prototypes, np.inf)
-    reused = np.zeros(num_prototypes, dtype=bool)
+    selection = PushSelection(
+        image=np.full(num_prototypes, -1, dtype=np.int64), location=np.zeros(num_prototypes, dtype=np.int64),
+        distance=np.full(num_prototypes, np.inf), reused=np.zeros(num_prototypes, dtype=bool),
+        moved_by_cell_cap=np.zeros(num_prototypes, dtype=bool), distance_given_up=np.zeros(num_prototypes))
+    cells_taken = None
+    if cell_candidates:
+        num_cells = next(iter(cell_candidates.values()))[0].shape[0]
+        cells_taken = np.zeros((len(cell_cap), num_cells), dtype=np.int64)  # prototypes per (class, cell)
     for prototype in range(num_prototypes):
-        valid = np.isfinite(distances[prototype])
-        if not valid.any():
-            continue
-        free = valid & ~used[image_indices[prototype]]
-        slot = int(np.argmax(free)) if free.any() else 0
-        reused[prototype] = not free.any()
-        chosen[prototype] = image_indices[prototype, slot]
-        chosen_location[prototype] = locations[prototype, slot]
-        chosen_distance[prototype] = distances[prototype, slot]
-        used[chosen[prototype]] = True
-    return chosen, chosen_location, chosen_distance, reused
+        if prototype in cell_candidates:
+            cell_distances, cell_images = cell_candidates[prototype]
+            klass = prototype_class[prototype]
+            _select_by_cell(selection, prototype, cell_distances, cell_images, used, cells_taken[klass] < cell_cap[klass])
+        else:
+            valid = np.isfinite(distances[prototype])
+            if not valid.any():
+                continue
+            free = valid & ~used[image_indices[prototype]]
+            slot = int(np.argmax(free)) if free.any() else 0
+            selection.reused[prototype] = not free.any()
+            selection.image[prototype] = image_indices[prototype, slot]
+            selection.location[prototype] = locations[prototype, slot]
+            selection.distance[prototype] = distances[prototype, slot]
+        if selection.image[prototype] >= 0:
+            used[selection.image[prototype]] = True
+            if cells_taken is not None:
+                cells_taken[prototype_class[prototype], selection.location[prototype]] += 1
+    return selection
+
+
+def _select_by_cell(selection: PushSelection, prototype: int, distances: np.ndarray, images: np.ndarray,
+                    used: np.ndarray, open_cells: np.ndarray) -> None:
+    """One capped prototype's choice over its [cells, k] candidates (see select_nonrepetitive)."""
+    valid = np.isfinite(distances)
+    if not valid.any():
+        return
+    if not open_cells.any():  # more prototypes than cap x cells: the cap cannot hold, so it is dropped
+        open_cells = np.ones_like(open_cells)
+    free = valid & ~used[images]
+    reused = not (free & open_cells[:, None]).any()
+    pool = valid if reused else free  # with every image taken, fall back to the nearest, as the plain rule does
+    slot = np.argmax(pool, axis=1)  # per cell, its first (nearest) usable candidate
+    rows = np.arange(len(distances))
+    cell_distance = np.where(pool.any(axis=1), distances[rows, slot], np.inf)
+    cell_image = images[rows, slot]
+    nearest = _lexicographic_first(cell_distance, cell_image)
+    cell = _lexicographic_first(np.where(open_cells, cell_distance, np.inf), cell_image)
+    selection.image[prototype] = cell_image[cell]
+    selection.location[prototype] = cell
+    selection.distance[prototype] = cell_distance[cell]
+    selection.reused[prototype] = reused
+    selection.moved_by_cell_cap[prototype] = cell != nearest
+    selection.distance_given_up[prototype] = cell_distance[cell] - cell_distance[nearest]
+
+
+def cell_caps(prototype_class: np.ndarray, num_classes: int, max_cell_share: float) -> np.ndarray | None:
+    """Per class, the most of its prototypes one cell may hold: floor(share x M), at least 1; None
+    when the share is 1 (no cap: METHOD.md's push)."""
+    if max_cell_share >= 1.0:
+        return None
+    per_class = np.bincount(prototype_class, minlength=num_classes)
+    return np.maximum(1, np.floor(max_cell_share * per_class + 1e-9).astype(np.int64))
+
+
+def classes_over_cap(selection: PushSelection, prototype_class: np.ndarray, cell_cap: np.ndarray) -> list[int]:
+    """Classes that have more prototypes on one cell than their cap."""
+    pushed = selection.image >= 0
+    pairs = np.stack([prototype_class[pushed], selection.location[pushed]], axis=1)
+    keys, counts = np.unique(pairs, axis=0, return_counts=True)
+    return sorted({int(klass) for (klass, _), count in zip(keys, counts) if count > cell_cap[klass]})
 
 
 @torch.no_grad()
 def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                    image_ids: list[str] | None = None) -> list[dict]:
+                    image_ids: list[str] | None = None, max_cell_share: float = 1.0) -> list[dict]:
     """Project every prototype of ``model`` onto its nearest unused training patch of its class.
 
     push_dataset yields {"image", "target", "index"} with deterministic preprocessing (no
-    augmentation). Updates model.prototypes and the provenance buffers in place and returns the
-    provenance, one dict per prototype.
+    augmentation). With ``max_cell_share`` below 1, no feature-map cell takes more than
+    floor(share x M) of a class's M prototypes (the cell cap; module docstring). Updates
+    model.prototypes and the provenance buffers in place and returns the provenance, one dict per
+    prototype.
     """
     was_training = model.training
     model.eval()
@@ -140,15 +259,27 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
     shard = shard_indices(len(push_dataset))
     loader = DataLoader(Subset(push_dataset, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     k = model.num_prototypes
-    candidates = scan_push_set(model, loader, device, k, progress)
-    if current_context().enabled:
-        shares = all_gather_objects(candidates)
-        candidates = empty_candidates(model.num_prototypes, k)
-        for share in shares:
-            candidates = merge_candidates(candidates, share, k)
-    chosen, flat_location, distance, reused = select_nonrepetitive(candidates, len(push_dataset))
+    candidates = _gathered(scan_push_set(model, loader, device, k, progress), k)
+    selection = select_nonrepetitive(candidates, len(push_dataset))
+    prototype_class = model.prototype_class.cpu().numpy()
+    cap = cell_caps(prototype_class, model.num_classes, max_cell_share)
+    cell_candidates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    capped_classes: list[int] = []
+    while cap is not None:
+        over = [klass for klass in classes_over_cap(selection, prototype_class, cap) if klass not in capped_classes]
+        if not over:
+            break
+        capped_classes += over
+        prototypes = torch.as_tensor(np.flatnonzero(np.isin(prototype_class, over)))
+        by_cell = _gathered(scan_cells(model, loader, device, k, prototypes, progress), k)
+        for row, prototype in enumerate(prototypes.tolist()):
+            cell_candidates[prototype] = (by_cell.distances[row].numpy(), by_cell.image_indices[row].numpy())
+        selection = select_nonrepetitive(candidates, len(push_dataset), cell_candidates, prototype_class, cap)
+    chosen, flat_location, distance, reused = selection.image, selection.location, selection.distance, selection.reused
     if current_context().is_main:
         warn_about_unused(candidates.nearest_counts, model.prototype_class, model.class_names)
+        if cap is not None:
+            log_cell_cap(selection, prototype_class, cap, model.class_names)
 
     pushed = np.flatnonzero(chosen >= 0)
     for prototype in np.flatnonzero(chosen < 0):
@@ -175,7 +306,38 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
     model.train(was_training)
     logger.info("push: %d of %d prototypes grounded on %d distinct training images",
                 len(pushed), model.num_prototypes, len(unique_images))
-    return provenance_records(model, image_ids, reused, candidates.nearest_counts)
+    return provenance_records(model, image_ids, reused, candidates.nearest_counts,
+                              selection if cap is not None else None)
+
+
+def _gathered(candidates: PushCandidates, k: int) -> PushCandidates:
+    """Under torchrun, every rank's candidates merged in rank order (the same on every rank)."""
+    if not current_context().enabled:
+        return candidates
+    shares = all_gather_objects(candidates)
+    merged = shares[0]
+    for share in shares[1:]:
+        merged = merge_candidates(merged, share, k)
+    return merged
+
+
+def log_cell_cap(selection: PushSelection, prototype_class: np.ndarray, cell_cap: np.ndarray,
+                 class_names: list[str]) -> None:
+    """One line: per class, how many prototypes the cell cap moved off a full cell, and the distance
+    (squared, to the patch taken) that cost them on average."""
+    moved = selection.moved_by_cell_cap
+    if not moved.any():
+        logger.info("push: the cell cap (at most %s prototypes of a class per feature-map cell) moved none",
+                    "/".join(str(c) for c in sorted(set(cell_cap.tolist()))))
+        return
+    parts = []
+    for klass in np.unique(prototype_class[moved]):
+        mine = moved & (prototype_class == klass)
+        parts.append(f"{class_names[klass]} {int(mine.sum())} of {int((prototype_class == klass).sum())} "
+                     f"(at most {int(cell_cap[klass])} per cell; distance +{selection.distance_given_up[mine].mean():.3g} "
+                     f"on average)")
+    logger.info("push: the cell cap moved %d prototypes off a cell already holding their class's share, onto "
+                "their nearest patch elsewhere: %s", int(moved.sum()), "; ".join(parts))
 
 
 def warn_about_unused(nearest_counts: Tensor, prototype_class: Tensor, class_names: list[str]) -> None:
@@ -191,10 +353,12 @@ def warn_about_unused(nearest_counts: Tensor, prototype_class: Tensor, class_nam
                        ", ".join(flagged))
 
 
-def provenance_records(model, image_ids: list[str] | None, reused=None, nearest_counts=None) -> list[dict]:
+def provenance_records(model, image_ids: list[str] | None, reused=None, nearest_counts=None,
+                       cell_cap=None) -> list[dict]:
     """The checkpoint's human-readable prototype provenance; with ``nearest_counts`` (from a push) each
     record also says to how many training images of its class the prototype was the class's nearest
-    just before the push."""
+    just before the push; with ``cell_cap`` (a PushSelection, or anything with ``moved_by_cell_cap``
+    and ``distance_given_up`` arrays) whether the cell cap moved it and the distance that cost."""
     records = []
     source = model.prototype_source_index.tolist()
     location = model.prototype_source_location.tolist()
@@ -213,4 +377,7 @@ def provenance_records(model, image_ids: list[str] | None, reused=None, nearest_
         ))
         if nearest_counts is not None:
             records[-1]["nearest_before_push"] = int(nearest_counts[prototype])
+        if cell_cap is not None:
+            records[-1]["moved_by_cell_cap"] = bool(cell_cap.moved_by_cell_cap[prototype])
+            records[-1]["distance_given_up"] = float(cell_cap.distance_given_up[prototype])
     return records

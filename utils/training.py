@@ -428,6 +428,7 @@ class Trainer:
         self.provenance = push_prototypes(
             self.model, dataset, self.device, batch_size=self.config.eval_batch_size,
             num_workers=self.config.num_workers, progress=self.progress, image_ids=self.splits.train.image_ids,
+            max_cell_share=self.config.push_max_cell_share,
         )
         if self.context.is_main:
             # Collapse is visible the moment the prototypes are grounded: warn now, not after the run.

@@ -295,13 +295,15 @@ def evaluate_splits(trainer: Trainer, splits) -> tuple[dict, tuple, np.ndarray]:
     return results, (probabilities, targets), test_scores
 
 
-def add_interpretation(results: dict, trainer: Trainer, splits, test_scores: np.ndarray) -> None:
+def add_interpretation(results: dict, trainer: Trainer, splits, test_scores: np.ndarray,
+                       provenance: list[dict] | None) -> None:
     """What the explanation is worth, next to the AUCs: ``prototypes`` (diversity, grounding on the
-    training boxes, selectivity on the test split) and ``localisation`` (test split; each extra test
-    split with boxes gets its own under its name)."""
+    training boxes, selectivity on the test split; with the reported model's push ``provenance``, what
+    the cell cap moved) and ``localisation`` (test split; each extra test split with boxes gets its own
+    under its name)."""
     results["prototypes"] = evaluate_prototype_quality(
         trainer.model, splits.train, trainer.config.image_size, trainer.device, trainer.config.eval_batch_size,
-        test_scores, splits.test.targets)
+        test_scores, splits.test.targets, provenance=provenance)
     logger.info("prototype quality (selectivity on the test split):\n%s", format_quality(results["prototypes"]))
     localisation = localisation_report(trainer.model, splits.test, trainer.config, trainer.device, trainer.progress)
     if localisation is not None:
@@ -322,7 +324,10 @@ def final_report(trainer: Trainer, splits, run_dir: Path, best: dict, best_model
     if not current_context().is_main:
         return results
     with local_only():  # localisation and figures: rank 0 alone, no collectives
-        add_interpretation(results, trainer, splits, test_scores)
+        # The best model's push provenance is its checkpoint's (the trainer's is the last stage's).
+        provenance = (load_checkpoint(run_dir / "checkpoints" / "best.pt").get("prototype_provenance")
+                      if best_model is not None else trainer.provenance)
+        add_interpretation(results, trainer, splits, test_scores, provenance)
         if best_model is not None:
             record_unselective_prototypes(run_dir / "checkpoints" / "best.pt", results["prototypes"])
         atomic_write_json(run_dir / "results.json", json_safe(results))  # last: a finished run
@@ -362,7 +367,7 @@ def evaluate_checkpoint(checkpoint: str, args: argparse.Namespace, progress: boo
     if not context.is_main:
         return run_dir
     with local_only():  # localisation and figures: rank 0 alone, no collectives
-        add_interpretation(results, trainer, splits, test_scores)
+        add_interpretation(results, trainer, splits, test_scores, state.get("prototype_provenance"))
         atomic_write_json(run_dir / "results.json", json_safe(results))
         logger.info("val mean AUC %.4f, test mean AUC %.4f; wrote %s",
                     results["val"]["mean_auc"], results["test"]["mean_auc"], run_dir / "results.json")

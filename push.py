@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> Path:
     _, _, test_scores = predict(model, splits.test, device, config.image_size, batch_size, config.num_workers,
                                 progress, with_scores=True)
     quality = evaluate_prototype_quality(model, train, config.image_size, device, batch_size, test_scores,
-                                         splits.test.targets, grounding)
+                                         splits.test.targets, grounding, provenance=records)
     logger.info("prototype quality (selectivity on the test split):\n%s", format_quality(quality))
 
     with staged_output(out, MARKER) as staging:

@@ -491,11 +491,14 @@ def warn_if_collapsed(model, image_ids: list[str] | None = None,
 
 def evaluate_prototype_quality(model, train, image_size: int, device, batch_size: int = 32,
                                test_scores: np.ndarray | None = None, test_targets: np.ndarray | None = None,
-                               grounding: dict[str, np.ndarray] | None = None) -> dict:
+                               grounding: dict[str, np.ndarray] | None = None,
+                               provenance: list[dict] | None = None) -> dict:
     """The whole ``prototypes`` section: diversity and grounding from the training split the prototypes
     were pushed onto, selectivity from held-out images' scores [N, P] and targets [N, K] when given (and
     then a warning line naming the disease prototypes that match every image alike). ``grounding``, when
-    the caller has already computed it for this model (:func:`prototype_grounding`), is used as is."""
+    the caller has already computed it for this model (:func:`prototype_grounding`), is used as is.
+    With the push's ``provenance`` from a push under the cell cap, per class and overall also
+    ``moved_by_cell_cap``: how many prototypes the cap moved off a full cell."""
     diversity = model_diversity(model)
     if grounding is None:
         grounding = prototype_grounding(model, train, image_size, device, batch_size)
@@ -507,7 +510,14 @@ def evaluate_prototype_quality(model, train, image_size: int, device, batch_size
         message = unselective_message(selectivity, classes, model.class_names, model.no_finding_index)
         if message:
             logger.warning("%s", message)
-    return quality_report(model, diversity, grounding, selectivity, centre_grounding)
+    report = quality_report(model, diversity, grounding, selectivity, centre_grounding)
+    if provenance and all("moved_by_cell_cap" in record for record in provenance):
+        moved = np.array([record["moved_by_cell_cap"] for record in provenance], dtype=bool)
+        classes = model.prototype_class.cpu().numpy()
+        for class_index, (name, entry) in enumerate(report["per_class"].items()):
+            entry["moved_by_cell_cap"] = int(moved[classes == class_index].sum())
+        report["overall"]["moved_by_cell_cap"] = int(moved.sum())
+    return report
 
 
 def quality_scalars(report: dict) -> dict[str, float]:
@@ -549,5 +559,7 @@ def format_quality(report: dict) -> str:
     lines.append(f"overall: grounded {number(overall.get('grounded'))} (reachable {number(overall.get('grounding_reachable'))}"
                  f"{centre}), at lesion {number(overall.get('at_lesion'))} (on another disease's "
                  f"{number(overall.get('on_other_lesion'))}), selectivity {number(overall.get('selectivity'))}{unselective}, "
-                 f"collapsed classes: {', '.join(overall['collapsed_classes']) or 'none'}")
+                 f"collapsed classes: {', '.join(overall['collapsed_classes']) or 'none'}"
+                 + ("" if overall.get("moved_by_cell_cap") is None
+                    else f", moved by the push's cell cap: {overall['moved_by_cell_cap']}"))
     return "\n".join(lines)

@@ -52,7 +52,9 @@ def stage_plan(config, num_train: int, world_size: int = 1) -> list[PlannedStage
                + (", local decoder (L_rec, not in the paper)" if config.weight_local_reconstruction > 0 else "")
                + "; single images",
         paired="backbone, top layer, add-on, prototypes; pairs, two views" + teacher,
-        push="nothing: each prototype becomes its nearest training patch",
+        push="nothing: each prototype becomes its nearest training patch"
+             + (f" (at most {config.push_max_cell_share:g} of a class's prototypes per cell: the cell cap, not in "
+                "the paper)" if config.push_max_cell_share < 1 else ""),
         last_layer="last layer only" + teacher,
     )
     plan = []

@@ -110,5 +110,5 @@ def test_stage_plan_names_the_cell_cap_only_when_it_binds_the_push():
         config = preset_config("synthetic", epochs=2, warmup_epochs=1, push_epochs=(1,), push_max_cell_share=share)
         return next(stage for stage in stage_plan(config, num_train=100) if stage.kind == "push").trains
 
-    assert "at most 0.25 of a class's prototypes per cell" in push_line(0.25)
+    assert "at most 3 of a class's 12 prototypes per cell" in push_line(0.25)
     assert "cell cap" not in push_line(1.0)

@@ -12,7 +12,8 @@ from conftest import tiny_config
 from datasets import EvalTransform, TransformedDataset, build_datasets
 from model import build_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.projection import push_prototypes, warn_about_unused
+from utils.projection import (PushCandidates, capped_selection, cell_caps, push_prototypes, warn_about_unused,
+                              warn_if_cap_cannot_hold)
 from utils.visualise import TRUTH_COLOUR, UNSELECTIVE_TITLE_COLOUR, GalleryEntry, gallery_figure
 
 
@@ -175,7 +176,81 @@ def test_cell_cap_follows_its_rule_exactly(caplog):
         per_cell[(klass, *cell)] = per_cell.get((klass, *cell), 0) + 1
     assert max(per_cell.values()) <= 2
     assert sum(record["moved_by_cell_cap"] for record in records) > 0
-    assert "the cell cap moved" in caplog.text
+    assert "prototypes off a full cell" in caplog.text and "elsewhere than the paper's push" in caplog.text
+
+
+def brute_force_capped(table: np.ndarray, prototype_class: np.ndarray, cap: np.ndarray):
+    """Every class capped, written out: prototype j takes the smallest (distance, image, cell) over
+    unused images (all images if none is unused) and cells holding fewer than its class's cap (all
+    cells if none does). table: [P, N, cells], inf where the image lacks the class."""
+    num_prototypes, num_images, cells = table.shape
+    used, taken, chosen = set(), {}, []
+    for j in range(num_prototypes):
+        klass = prototype_class[j]
+        open_cells = [c for c in range(cells) if taken.get((klass, c), 0) < cap[klass]] or list(range(cells))
+        pairs = [(table[j, i, c], i, c) for i in range(num_images) for c in open_cells if np.isfinite(table[j, i, c])]
+        if not pairs:
+            chosen.append((-1, 0))
+            continue
+        free = [pair for pair in pairs if pair[1] not in used]
+        _, image, cell = min(free or pairs)
+        used.add(image)
+        taken[(klass, cell)] = taken.get((klass, cell), 0) + 1
+        chosen.append((image, cell))
+    return chosen
+
+
+def test_capped_selection_equals_every_class_capped_on_random_tables():
+    """The selection with its rescans (utils.projection.capped_selection) against the rule with every
+    class capped from the start, on random tables with ties, shared images, small classes and rescans
+    in several rounds."""
+    generator = np.random.default_rng(0)
+    rounds_seen = set()
+    for _ in range(150):
+        num_classes, per_class = int(generator.integers(2, 4)), int(generator.integers(2, 6))
+        num_images, cells = int(generator.integers(3, 12)), int(generator.integers(1, 5))
+        prototype_class = np.repeat(np.arange(num_classes), per_class)
+        generator.shuffle(prototype_class)  # classes interleaved in prototype order
+        targets = generator.random((num_images, num_classes)) < 0.6
+        table = generator.integers(0, 6, size=(len(prototype_class), num_images, cells)).astype(np.float32)
+        table[~targets[:, prototype_class].T] = np.inf
+        k = len(prototype_class)
+        # The plain scan's candidates: per image its nearest cell (first on ties), k nearest images.
+        nearest_cell = table.argmin(axis=2)
+        nearest = np.take_along_axis(table, nearest_cell[..., None], axis=2)[..., 0]
+        order = np.lexsort((np.broadcast_to(np.arange(num_images), nearest.shape), nearest), axis=1)[:, :k]
+        pad = max(0, k - num_images)
+        images = np.where(np.isfinite(np.take_along_axis(nearest, order, 1)), order, -1)
+        candidates = PushCandidates(
+            torch.from_numpy(np.pad(np.take_along_axis(nearest, order, 1), ((0, 0), (0, pad)), constant_values=np.inf)),
+            torch.from_numpy(np.pad(images, ((0, 0), (0, pad)), constant_values=-1)),
+            torch.from_numpy(np.pad(np.take_along_axis(nearest_cell, order, 1), ((0, 0), (0, pad)))),
+            torch.zeros(len(prototype_class), dtype=torch.long))
+        rounds = []
+
+        def scan_by_cell(prototypes):
+            rounds.append(prototypes)
+            by_cell = table[prototypes].transpose(0, 2, 1)  # [p, cells, N]
+            order = np.lexsort((np.broadcast_to(np.arange(num_images), by_cell.shape), by_cell), axis=2)[..., :k]
+            distances = np.take_along_axis(by_cell, order, 2)
+            return (np.pad(distances, ((0, 0), (0, 0), (0, pad)), constant_values=np.inf),
+                    np.pad(np.where(np.isfinite(distances), order, -1), ((0, 0), (0, 0), (0, pad)), constant_values=-1))
+
+        cap = cell_caps(prototype_class, num_classes, float(generator.choice([0.2, 0.34, 0.5])))
+        _, selection = capped_selection(candidates, num_images, prototype_class, cap, scan_by_cell)
+        expected = brute_force_capped(table, prototype_class, cap)
+        assert list(zip(selection.image.tolist(), selection.location.tolist())) == [
+            (image, cell if image >= 0 else 0) for image, cell in expected]
+        rounds_seen.add(len(rounds))
+    assert {0, 1, 2} <= rounds_seen, "the tables must exercise no rescan, one, and several"
+
+
+def test_cell_cap_warns_when_it_cannot_hold(caplog):
+    prototype_class = np.array([0] * 6 + [1] * 2)
+    cap = cell_caps(prototype_class, 2, 0.25)  # 1 per cell for both
+    with caplog.at_level("WARNING", logger="utils.projection"):
+        warn_if_cap_cannot_hold(prototype_class, cap, 4, ["Mass", "No Finding"])
+    assert "Mass (6 prototypes, 4 cells, at most 1 each)" in caplog.text and "No Finding" not in caplog.text
 
 
 def test_cell_cap_that_never_binds_changes_nothing(tiny_setup):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from datasets import class_sampling_weights
+from utils.projection import cell_cap_for
 from utils.training import build_schedule
 
 
@@ -53,8 +54,9 @@ def stage_plan(config, num_train: int, world_size: int = 1) -> list[PlannedStage
                + "; single images",
         paired="backbone, top layer, add-on, prototypes; pairs, two views" + teacher,
         push="nothing: each prototype becomes its nearest training patch"
-             + (f" (at most {config.push_max_cell_share:g} of a class's prototypes per cell: the cell cap, not in "
-                "the paper)" if config.push_max_cell_share < 1 else ""),
+             + (f" (at most {cell_cap_for(config.push_max_cell_share, config.prototypes_per_class)} "
+                f"of a class's {config.prototypes_per_class} prototypes per cell: the cell cap, not in the paper)"
+                if config.push_max_cell_share < 1 else ""),
         last_layer="last layer only" + teacher,
     )
     plan = []

@@ -17,17 +17,21 @@ Two passes over the push set (training images, deterministic resize):
 
 Not in the paper, off unless ``max_cell_share < 1`` (``--push-max-cell-share``; the synthetic preset
 uses 0.25): a *cell cap*. A prototype may not take a feature-map cell that already holds
-``floor(share x M)`` of its class's M prototypes (in any images); it takes its nearest patch on a
-cell that is not full instead. Where the cap never binds, the push is METHOD.md's exactly. Where the
-plain selection piles more than the cap onto one cell, the classes concerned are scanned again with
-their ``k`` nearest images *per cell* ([P_c, cells, k]; ``k = P`` is enough for the same reason as
-above) and the selection is repeated, until no class is over its cap. A prototype whose nearest free
-patch lay on a full cell is marked ``moved_by_cell_cap`` in its provenance, with the distance it gave
-up, and the push logs how many moved per class.
+``max(1, floor(share x M))`` of its class's M prototypes (in any images); it takes its nearest patch on
+a cell that is not full instead. Where the cap never binds, the push is METHOD.md's exactly. Where the
+plain selection piles more than the cap onto one cell, the classes concerned are scanned again, over
+the images of those classes only, with their ``k`` nearest images *per cell* ([P_c, cells, k], float32
+distances and int32 images; ``k = P`` is enough for the same reason as above), and the selection is
+repeated, until no class is over its cap (:func:`capped_selection`). A prototype whose nearest free
+patch, at its turn, lay on a full cell is marked ``moved_by_cell_cap`` in its provenance, with the
+squared distance it gave up; the push logs how many moved per class, and how many prototypes in all
+sit elsewhere than the paper's push would put them (a moved prototype can take an image a later one
+would have taken).
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,34 +54,44 @@ class PushCandidates:
     cell, its nearest images); and its nearest count ([P])."""
 
     distances: Tensor  # float, inf where there is no candidate
-    image_indices: Tensor  # long, dataset index, -1 where none
-    locations: Tensor  # long, flat feature-map position h * W + w
+    image_indices: Tensor  # long (int32 in the cell scan), dataset index, -1 where none
+    locations: Tensor | None  # long, flat feature-map position h * W + w; None in the cell scan (the row is the cell)
     nearest_counts: Tensor  # long [P]: images of its class to which the prototype is the class's nearest
 
 
 def empty_candidates(num_prototypes: int, k: int, cells: int | None = None) -> PushCandidates:
-    shape = (num_prototypes, k) if cells is None else (num_prototypes, cells, k)
+    by_image = cells is None
+    shape = (num_prototypes, k) if by_image else (num_prototypes, cells, k)
     return PushCandidates(
         distances=torch.full(shape, float("inf")),
-        image_indices=torch.full(shape, -1, dtype=torch.long),
-        locations=torch.zeros(shape, dtype=torch.long),
+        image_indices=torch.full(shape, -1, dtype=torch.long if by_image else torch.int32),
+        locations=torch.zeros(shape, dtype=torch.long) if by_image else None,
         nearest_counts=torch.zeros(num_prototypes, dtype=torch.long),
     )
 
 
+def concatenate_candidates(parts: list[PushCandidates]) -> PushCandidates:
+    """Several batches' candidates side by side (unsorted), to be merged in one go."""
+    return PushCandidates(torch.cat([part.distances for part in parts], dim=-1),
+                          torch.cat([part.image_indices for part in parts], dim=-1),
+                          None if parts[0].locations is None else torch.cat([part.locations for part in parts], dim=-1),
+                          sum(part.nearest_counts for part in parts))
+
+
 def merge_candidates(current: PushCandidates, new: PushCandidates, k: int) -> PushCandidates:
     """Keep the k nearest of both, ties to the lower image index (stable and order-independent)."""
-    distances = torch.cat([current.distances, new.distances], dim=-1)
-    image_indices = torch.cat([current.image_indices, new.image_indices], dim=-1)
-    locations = torch.cat([current.locations, new.locations], dim=-1)
+    both = concatenate_candidates([current, new])
+    distances, image_indices, locations = both.distances, both.image_indices, both.locations
     # Sort by image index first, then stably by distance: equal distances keep image-index order
     # no matter in which order batches (or ranks) arrived.
     missing = image_indices < 0
-    by_image = torch.sort(torch.where(missing, torch.iinfo(torch.long).max, image_indices), dim=-1, stable=True).indices
-    distances, image_indices, locations = (t.gather(-1, by_image) for t in (distances, image_indices, locations))
+    by_image = torch.sort(torch.where(missing, torch.iinfo(image_indices.dtype).max, image_indices), dim=-1,
+                          stable=True).indices
+    distances, image_indices = distances.gather(-1, by_image), image_indices.gather(-1, by_image)
     order = torch.sort(distances, dim=-1, stable=True).indices[..., :k]
-    return PushCandidates(distances.gather(-1, order), image_indices.gather(-1, order), locations.gather(-1, order),
-                          current.nearest_counts + new.nearest_counts)
+    if locations is not None:
+        locations = locations.gather(-1, by_image).gather(-1, order)
+    return PushCandidates(distances.gather(-1, order), image_indices.gather(-1, order), locations, both.nearest_counts)
 
 
 @torch.no_grad()
@@ -114,21 +128,26 @@ def batch_cell_candidates(model, images: Tensor, targets: Tensor, indices: Tenso
     distance_maps = distance_maps[:, prototypes.to(distance_maps.device)]  # [n, p, HW]
     eligible = targets.to(distance_maps.device)[:, model.prototype_class[prototypes]] > 0  # [n, p]
     distances = torch.where(eligible.unsqueeze(2), distance_maps, torch.full_like(distance_maps, float("inf")))
-    image_indices = torch.where(eligible, indices.to(distances.device).unsqueeze(1), -1)  # [n, p]
+    image_indices = torch.where(eligible, indices.to(distances.device).unsqueeze(1), -1).to(torch.int32)  # [n, p]
     cells = distances.shape[2]
-    locations = torch.arange(cells, device=distances.device).expand_as(distances)
     return PushCandidates(distances.permute(1, 2, 0).cpu(), image_indices.T.unsqueeze(1).expand(-1, cells, -1).cpu(),
-                          locations.permute(1, 2, 0).cpu(), torch.zeros(len(prototypes), dtype=torch.long))
+                          None, torch.zeros(len(prototypes), dtype=torch.long))
 
 
-def scan_cells(model, loader: DataLoader, device, k: int, prototypes: Tensor, progress: bool = True) -> PushCandidates:
-    """The cell cap's scan: for each of ``prototypes``, its k nearest images of its class on every cell."""
-    candidates = None
+def scan_cells(model, loader: DataLoader, device, k: int, prototypes: Tensor, cells: int,
+               progress: bool = True) -> PushCandidates:
+    """The cell cap's scan: for each of ``prototypes``, its k nearest images of its class on every
+    cell ([p, cells, k]). Batches are merged about k images at a time, not one by one: the same k
+    nearest (the order is total), with a fraction of the sorting."""
+    candidates = empty_candidates(len(prototypes), k, cells)
+    pending, width = [], 0
     for batch in tqdm(loader, desc="push: scan by cell", leave=False, disable=not progress):
-        new = batch_cell_candidates(model, batch["image"].to(device), batch["target"], batch["index"], prototypes)
-        if candidates is None:
-            candidates = empty_candidates(len(prototypes), k, cells=new.distances.shape[1])
-        candidates = merge_candidates(candidates, new, k)
+        pending.append(batch_cell_candidates(model, batch["image"].to(device), batch["target"], batch["index"], prototypes))
+        width += pending[-1].distances.shape[-1]
+        if width >= k:
+            candidates, pending, width = merge_candidates(candidates, concatenate_candidates(pending), k), [], 0
+    if pending:
+        candidates = merge_candidates(candidates, concatenate_candidates(pending), k)
     return candidates
 
 
@@ -229,7 +248,12 @@ def cell_caps(prototype_class: np.ndarray, num_classes: int, max_cell_share: flo
     if max_cell_share >= 1.0:
         return None
     per_class = np.bincount(prototype_class, minlength=num_classes)
-    return np.maximum(1, np.floor(max_cell_share * per_class + 1e-9).astype(np.int64))
+    return np.array([cell_cap_for(max_cell_share, count) for count in per_class], dtype=np.int64)
+
+
+def cell_cap_for(max_cell_share: float, prototypes: int) -> int:
+    """The most of a class's ``prototypes`` one cell may hold under the cap: floor(share x M), at least 1."""
+    return max(1, math.floor(max_cell_share * prototypes + 1e-9))
 
 
 def classes_over_cap(selection: PushSelection, prototype_class: np.ndarray, cell_cap: np.ndarray) -> list[int]:
@@ -238,6 +262,38 @@ def classes_over_cap(selection: PushSelection, prototype_class: np.ndarray, cell
     pairs = np.stack([prototype_class[pushed], selection.location[pushed]], axis=1)
     keys, counts = np.unique(pairs, axis=0, return_counts=True)
     return sorted({int(klass) for (klass, _), count in zip(keys, counts) if count > cell_cap[klass]})
+
+
+def capped_selection(candidates: PushCandidates, num_images: int, prototype_class: np.ndarray, cell_cap: np.ndarray,
+                     scan_by_cell) -> tuple[PushSelection, PushSelection]:
+    """The paper's selection, then the cell cap's: while some class not yet capped holds more than its
+    cap on one cell, its prototypes get by-cell candidates (``scan_by_cell(prototypes)`` -> numpy
+    distances and images [p, cells, k]) and the whole selection is repeated. A class left uncapped is
+    at or under its cap at the end, so on each of its turns the plain rule chose an open cell: the
+    result is the one with every class capped. Returns (plain selection, capped selection)."""
+    plain = selection = select_nonrepetitive(candidates, num_images)
+    cell_candidates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    capped_classes: list[int] = []
+    while True:
+        over = [klass for klass in classes_over_cap(selection, prototype_class, cell_cap) if klass not in capped_classes]
+        if not over:
+            return plain, selection
+        capped_classes += over
+        prototypes = np.flatnonzero(np.isin(prototype_class, over))
+        distances, images = scan_by_cell(prototypes)
+        for row, prototype in enumerate(prototypes.tolist()):
+            cell_candidates[prototype] = (distances[row], images[row])
+        selection = select_nonrepetitive(candidates, num_images, cell_candidates, prototype_class, cell_cap)
+
+
+def warn_if_cap_cannot_hold(prototype_class: np.ndarray, cell_cap: np.ndarray, cells: int, class_names: list[str]) -> None:
+    """The cap is dropped for a class with more prototypes than cap x cells (tiny feature maps): say so."""
+    per_class = np.bincount(prototype_class, minlength=len(cell_cap))
+    too_many = [f"{class_names[klass]} ({per_class[klass]} prototypes, {cells} cells, at most {cell_cap[klass]} each)"
+                for klass in range(len(cell_cap)) if per_class[klass] > cell_cap[klass] * cells]
+    if too_many:
+        logger.warning("the push's cell cap cannot hold for %s: once every cell is full, their remaining prototypes "
+                       "take their nearest patch on any cell", ", ".join(too_many))
 
 
 @torch.no_grad()
@@ -260,26 +316,31 @@ def push_prototypes(model, push_dataset, device, batch_size: int = 64, num_worke
     loader = DataLoader(Subset(push_dataset, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     k = model.num_prototypes
     candidates = _gathered(scan_push_set(model, loader, device, k, progress), k)
-    selection = select_nonrepetitive(candidates, len(push_dataset))
     prototype_class = model.prototype_class.cpu().numpy()
     cap = cell_caps(prototype_class, model.num_classes, max_cell_share)
-    cell_candidates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    capped_classes: list[int] = []
-    while cap is not None:
-        over = [klass for klass in classes_over_cap(selection, prototype_class, cap) if klass not in capped_classes]
-        if not over:
-            break
-        capped_classes += over
-        prototypes = torch.as_tensor(np.flatnonzero(np.isin(prototype_class, over)))
-        by_cell = _gathered(scan_cells(model, loader, device, k, prototypes, progress), k)
-        for row, prototype in enumerate(prototypes.tolist()):
-            cell_candidates[prototype] = (by_cell.distances[row].numpy(), by_cell.image_indices[row].numpy())
-        selection = select_nonrepetitive(candidates, len(push_dataset), cell_candidates, prototype_class, cap)
+    if cap is None:
+        plain = selection = select_nonrepetitive(candidates, len(push_dataset))
+    else:
+        cells = int(np.prod(model.extract_features(push_dataset[0]["image"].unsqueeze(0).to(device)).shape[-2:]))
+        warn_if_cap_cannot_hold(prototype_class, cap, cells, model.class_names)
+        base_targets = getattr(getattr(push_dataset, "base", None), "targets", None)
+
+        def scan_by_cell(prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # Only images that carry one of these prototypes' classes can be their candidates.
+            images = np.arange(len(push_dataset)) if base_targets is None else np.flatnonzero(
+                (np.asarray(base_targets)[:, np.unique(prototype_class[prototypes])] > 0).any(axis=1))
+            share = images[shard_indices(len(images))]
+            subset = DataLoader(Subset(push_dataset, share.tolist()), batch_size=batch_size, shuffle=False,
+                                num_workers=num_workers)
+            by_cell = _gathered(scan_cells(model, subset, device, k, torch.as_tensor(prototypes), cells, progress), k)
+            return by_cell.distances.numpy(), by_cell.image_indices.numpy()
+
+        plain, selection = capped_selection(candidates, len(push_dataset), prototype_class, cap, scan_by_cell)
     chosen, flat_location, distance, reused = selection.image, selection.location, selection.distance, selection.reused
     if current_context().is_main:
         warn_about_unused(candidates.nearest_counts, model.prototype_class, model.class_names)
         if cap is not None:
-            log_cell_cap(selection, prototype_class, cap, model.class_names)
+            log_cell_cap(selection, plain, prototype_class, cap, model.class_names)
 
     pushed = np.flatnonzero(chosen >= 0)
     for prototype in np.flatnonzero(chosen < 0):
@@ -321,23 +382,28 @@ def _gathered(candidates: PushCandidates, k: int) -> PushCandidates:
     return merged
 
 
-def log_cell_cap(selection: PushSelection, prototype_class: np.ndarray, cell_cap: np.ndarray,
+def log_cell_cap(selection: PushSelection, plain: PushSelection, prototype_class: np.ndarray, cell_cap: np.ndarray,
                  class_names: list[str]) -> None:
-    """One line: per class, how many prototypes the cell cap moved off a full cell, and the distance
-    (squared, to the patch taken) that cost them on average."""
+    """One line: per class, how many prototypes the cell cap moved off a full cell (their nearest free
+    patch, at their turn, lay on one) and the squared distance that cost them on average; and how many
+    prototypes in all sit elsewhere than the paper's push would put them (the moved ones, and those
+    whose image a moved one took first)."""
     moved = selection.moved_by_cell_cap
+    elsewhere = int(((selection.image != plain.image) | (selection.location != plain.location)).sum())
+    caps = "/".join(str(c) for c in sorted(set(cell_cap.tolist())))
     if not moved.any():
-        logger.info("push: the cell cap (at most %s prototypes of a class per feature-map cell) moved none",
-                    "/".join(str(c) for c in sorted(set(cell_cap.tolist()))))
+        logger.info("push: the cell cap (at most %s prototypes of a class per feature-map cell) moved none", caps)
         return
     parts = []
     for klass in np.unique(prototype_class[moved]):
         mine = moved & (prototype_class == klass)
         parts.append(f"{class_names[klass]} {int(mine.sum())} of {int((prototype_class == klass).sum())} "
-                     f"(at most {int(cell_cap[klass])} per cell; distance +{selection.distance_given_up[mine].mean():.3g} "
-                     f"on average)")
-    logger.info("push: the cell cap moved %d prototypes off a cell already holding their class's share, onto "
-                "their nearest patch elsewhere: %s", int(moved.sum()), "; ".join(parts))
+                     f"(distance +{selection.distance_given_up[mine].mean():.3g} on average)")
+    count = int(moved.sum())
+    logger.info("push: the cell cap (at most %s prototypes of a class per feature-map cell) moved %d prototype%s off "
+                "a full cell, onto the nearest patch elsewhere: %s; %d prototype%s in all sit elsewhere than the "
+                "paper's push would put them", caps, count, "" if count == 1 else "s", "; ".join(parts), elsewhere,
+                "" if elsewhere == 1 else "s")
 
 
 def warn_about_unused(nearest_counts: Tensor, prototype_class: Tensor, class_names: list[str]) -> None:

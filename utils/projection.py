@@ -122,8 +122,8 @@ def scan_push_set(model, loader: DataLoader, device, k: int, progress: bool = Tr
 @torch.no_grad()
 def batch_cell_candidates(model, images: Tensor, targets: Tensor, indices: Tensor, prototypes: Tensor) -> PushCandidates:
     """For the given prototypes, every (image, cell) of this batch as a candidate: [p, cells, n], inf
-    where the image does not carry the prototype's class. The distances are those of
-    ``batch_candidates`` (computed against all prototypes, then indexed), so both scans agree bit for bit."""
+    where the image does not carry the prototype's class. The distances are computed as in
+    ``batch_candidates`` (against all prototypes, then indexed)."""
     distance_maps = squared_distances(model.extract_features(images), model.prototypes).flatten(2)  # [n, P, HW]
     distance_maps = distance_maps[:, prototypes.to(distance_maps.device)]  # [n, p, HW]
     eligible = targets.to(distance_maps.device)[:, model.prototype_class[prototypes]] > 0  # [n, p]

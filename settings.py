@@ -205,7 +205,8 @@ PRESETS: dict[str, dict] = {
         # in 37 % of random draws; without the cap 6 of 12 runs (2400 anchors, with L_rec) piled 4 prototypes
         # of a class onto one cell, 33 of those 36 inside a lesion box of their own class. With it no run
         # did; it moved 1-3 prototypes in 6 of the 12 (half of them still grounded), and grounding changed by
-        # -0.002 [-0.010, +0.005], AUC and pointing by at most 0.003 per run. Figures: docs/proving_ground.md.
+        # -0.002 [-0.010, +0.005], AUC by at most 0.003 per run, pointing by at most 0.008.
+        # Figures: docs/proving_ground.md.
         push_max_cell_share=0.25,
         lr_milestones=(10,),  # one halving, from the epoch of the first push (the paper: at epoch 10 of 41, then every 5)
         batch_size=16,  # pairs per step; 24 in the paper, fewer here so that a step costs ~0.4 s on a CPU
